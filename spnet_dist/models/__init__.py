@@ -1,0 +1,17 @@
+"""SP-Net models: routers, gated blocks, gated ResNets and their factory."""
+from .factory import MODEL_NAMES, create_model
+from .gates import GateOutput, Router
+from .output import SPNetOutput
+from .resnet import GatedCifarResNet, GatedImageNetResNet, GatedResNet, load_torchvision_weights
+
+__all__ = [
+    "MODEL_NAMES",
+    "GateOutput",
+    "GatedCifarResNet",
+    "GatedImageNetResNet",
+    "GatedResNet",
+    "Router",
+    "SPNetOutput",
+    "create_model",
+    "load_torchvision_weights",
+]

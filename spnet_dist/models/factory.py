@@ -1,0 +1,74 @@
+"""Model names, ``create_model`` and timm registration.
+
+``import spnet_dist`` registers every model with timm, so ``timm.create_model("spnet_resnet50")``
+works as it does for timm's own models. There are no hub weights: ``pretrained=True`` is an
+error; use ``model.torchvision_weights`` (a local torchvision state dict) instead.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from timm.models import register_model
+
+from .resnet import GatedCifarResNet, GatedImageNetResNet, GatedResNet
+
+_IMAGENET_LAYERS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+_CIFAR_DEPTHS = (20, 32, 56, 110)
+
+# timm passes these to every entrypoint; they mean nothing without hub weights.
+_TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _build(builder: Callable[..., GatedResNet], name: str, pretrained: bool, kwargs: dict[str, Any]) -> GatedResNet:
+    if pretrained:
+        raise ValueError(
+            f"{name}: no hub weights exist for SP-Net models; build it with pretrained=False and load "
+            "torchvision weights with spnet_dist.models.load_torchvision_weights (config: model.torchvision_weights)"
+        )
+    for key in _TIMM_FACTORY_KWARGS:
+        kwargs.pop(key, None)
+    return builder(**kwargs)
+
+
+@register_model
+def spnet_resnet50(pretrained: bool = False, **kwargs: Any) -> GatedResNet:
+    """Gated ResNet-50 v1.5 (ImageNet), torchvision parameter names."""
+    return _build(lambda **kw: GatedImageNetResNet(_IMAGENET_LAYERS[50], **kw), "spnet_resnet50", pretrained, kwargs)
+
+
+@register_model
+def spnet_resnet101(pretrained: bool = False, **kwargs: Any) -> GatedResNet:
+    """Gated ResNet-101 v1.5 (ImageNet), torchvision parameter names."""
+    return _build(lambda **kw: GatedImageNetResNet(_IMAGENET_LAYERS[101], **kw), "spnet_resnet101", pretrained, kwargs)
+
+
+def _cifar_entrypoint(depth: int) -> Callable[..., GatedResNet]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> GatedResNet:
+        kwargs.setdefault("num_classes", 10)
+        return _build(lambda **kw: GatedCifarResNet(depth, **kw), f"spnet_cifar_resnet{depth}", pretrained, kwargs)
+
+    entrypoint.__name__ = f"spnet_cifar_resnet{depth}"
+    entrypoint.__qualname__ = entrypoint.__name__
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"Gated CIFAR ResNet-{depth} (option-A shortcuts, 16/32/64 channels)."
+    return entrypoint
+
+
+for _depth in _CIFAR_DEPTHS:
+    globals()[f"spnet_cifar_resnet{_depth}"] = register_model(_cifar_entrypoint(_depth))
+
+MODEL_NAMES: tuple[str, ...] = ("spnet_resnet50", "spnet_resnet101") + tuple(
+    f"spnet_cifar_resnet{d}" for d in _CIFAR_DEPTHS
+)
+
+
+def create_model(name: str, **kwargs: Any) -> GatedResNet:
+    """Build an SP-Net model by name.
+
+    Args:
+        name: one of :data:`MODEL_NAMES`.
+        **kwargs: GatedResNet arguments (num_classes, router_dropout, aux_heads, ...).
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"model.name: unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return globals()[name](**kwargs)

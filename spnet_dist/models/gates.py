@@ -1,0 +1,96 @@
+"""The router: the only place that knows how a block's execute/skip decision is made.
+
+SP-Net (and ConvNet-AIG before it) puts one router in front of every residual block:
+global-average-pool of the block input -> Linear(C, 128) -> BN1d -> ReLU -> Dropout(0.4)
+-> Linear(128, 2). Channel 0 scores "skip", channel 1 "execute".
+
+* Training: Gumbel-softmax with temperature tau and hard straight-through, so the forward value
+  is exactly 0 or 1 while the gradient is that of the soft sample (paper §3.1, official code).
+* Inference: no noise; execute iff logit1 > logit0. Deterministic, works at batch size 1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class GateOutput:
+    """One router's verdict for a batch.
+
+    Attributes:
+        logits: (B, 2) raw router logits, fp32.
+        prob: (B,) execution probability softmax(logits)[:, 1], no noise, differentiable.
+        decision: (B,) the factor the residual branch is multiplied by: exactly 0 or 1 in the
+            forward pass; in training it carries the straight-through gradient.
+    """
+
+    logits: Tensor
+    prob: Tensor
+    decision: Tensor
+
+
+class Router(nn.Module):
+    """Per-block execution router (design.md §3).
+
+    Args:
+        in_channels: channels of the block input it looks at.
+        hidden: width of the hidden layer (128 in the paper and code).
+        dropout: dropout before the last layer (0.4).
+        init_bias: initial bias of the last layer as (skip, execute); (0.1, 2.0) opens blocks
+            with probability ~0.87 at start, so training begins close to the static ResNet.
+        tau: Gumbel-softmax temperature.
+        noise: with False, training uses the hard argmax with a straight-through softmax and
+            no Gumbel noise (deterministic training, used by the gradient-equivalence tests).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden: int = 128,
+        dropout: float = 0.4,
+        init_bias: Sequence[float] = (0.1, 2.0),
+        tau: float = 1.0,
+        noise: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(init_bias) != 2:
+            raise ValueError(f"model.router_bias: expected 2 values (skip, execute), got {list(init_bias)}")
+        if tau <= 0:
+            raise ValueError(f"model.gumbel_tau: must be > 0, got {tau}")
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, 2)
+        with torch.no_grad():
+            self.fc2.bias.copy_(torch.tensor([float(b) for b in init_bias]))
+        self.tau = tau
+        self.noise = noise
+        # None: learned decisions; True / False force every sample open / closed (tests, MAC
+        # measurement, the "all blocks open == static ResNet" check).
+        self.force: Optional[bool] = None
+
+    def forward(self, x: Tensor) -> GateOutput:
+        pooled = x.mean(dim=(2, 3))  # (B, C)
+        hidden = self.dropout(F.relu(self.bn(self.fc1(pooled))))
+        # Decisions are made in fp32 even under autocast: a bf16 logit tie would flip gates.
+        logits = self.fc2(hidden).float()  # (B, 2)
+        prob = logits.softmax(dim=-1)[:, 1]
+        if self.force is not None:
+            decision = torch.full_like(prob, 1.0 if self.force else 0.0)
+        elif self.training:
+            decision = self._straight_through(logits)[:, 1]
+        else:
+            decision = (logits[:, 1] > logits[:, 0]).to(logits.dtype)
+        return GateOutput(logits=logits, prob=prob, decision=decision)
+
+    def _straight_through(self, logits: Tensor) -> Tensor:
+        if self.noise:
+            return F.gumbel_softmax(logits, tau=self.tau, hard=True)
+        soft = (logits / self.tau).softmax(dim=-1)
+        hard = F.one_hot(soft.argmax(dim=-1), num_classes=2).to(soft.dtype)
+        return hard - soft.detach() + soft

@@ -1,0 +1,289 @@
+"""Gated ResNets for SP-Net: CIFAR ResNet-20/32/56/110 and ImageNet ResNet-50/101 (v1.5).
+
+Layout (paper §3, design.md §3):
+* every residual block has a router (blocks.py), the first block of each stage included; its
+  shortcut (projection or option-A) always runs;
+* after every stage k a classifier c_k reads the pooled stage feature through an alignment
+  layer a_k: Linear(C_k, D) to the last stage's width D (the official code's ``cc1..cc3``);
+  a_K is the identity and c_K is the ordinary ``fc``, the only head kept for inference;
+* ``forward`` returns an :class:`SPNetOutput`, never a tuple.
+
+The ImageNet models keep torchvision's parameter names (conv1, bn1, layer1.0.conv1, ...,
+layer1.0.downsample.0, fc), so a torchvision state dict loads with only router and auxiliary
+head keys missing (:func:`load_torchvision_weights` checks every other key strictly).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .blocks import GatedBasicBlock, GatedBlock, GatedBottleneck
+from .output import SPNetOutput
+
+# Keys a torchvision ResNet does not have: routers and the training-only heads.
+SPNET_ONLY_KEY_MARKERS = (".router.", "aux_heads.", "block_aligners.")
+
+
+class StageHead(nn.Module):
+    """Training-only head of an intermediate stage: alignment a_k, then classifier c_k."""
+
+    def __init__(self, in_channels: int, align_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.align = nn.Linear(in_channels, align_dim)
+        self.fc = nn.Linear(align_dim, num_classes)
+
+
+class GatedResNet(nn.Module):
+    """A ResNet whose residual blocks are executed or skipped per sample.
+
+    Subclasses build the stem (``_stem``) and say how large an input must be.
+
+    Args:
+        block_cls: GatedBasicBlock or GatedBottleneck.
+        layers: blocks per stage.
+        stage_planes: ``planes`` argument of each stage's blocks.
+        stem_channels: channels leaving the stem.
+        num_classes: classifier outputs.
+        in_chans: input image channels.
+        aux_heads: build the intermediate stage classifiers and alignment layers (training);
+            exported inference models are built without them.
+        block_align: also build one alignment layer per block, needed only by the "blocks"
+            and "blocks_within_stage" feature-evolution strategies (paper Table 5 EXP-1/2).
+        router_hidden, router_dropout, router_bias, gumbel_tau, gumbel_noise: see Router.
+    """
+
+    min_input_size = 8
+
+    def __init__(
+        self,
+        block_cls: type[GatedBlock],
+        layers: Sequence[int],
+        stage_planes: Sequence[int],
+        stem_channels: int,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        aux_heads: bool = True,
+        block_align: bool = False,
+        router_hidden: int = 128,
+        router_dropout: float = 0.4,
+        router_bias: Sequence[float] = (0.1, 2.0),
+        gumbel_tau: float = 1.0,
+        gumbel_noise: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"model.num_classes: must be >= 1, got {num_classes}")
+        if in_chans < 1:
+            raise ValueError(f"in_chans: must be >= 1, got {in_chans}")
+        if not 0.0 <= router_dropout < 1.0:
+            raise ValueError(f"model.router_dropout: must be in [0, 1), got {router_dropout}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        router_kwargs = dict(hidden=router_hidden, dropout=router_dropout, init_bias=tuple(router_bias),
+                             tau=gumbel_tau, noise=gumbel_noise)
+        self._stem(in_chans, stem_channels)
+
+        in_planes = stem_channels
+        stage_widths, block_stage, block_widths = [], [], []
+        for stage_idx, (n_blocks, planes) in enumerate(zip(layers, stage_planes)):
+            stride = 1 if stage_idx == 0 else 2
+            blocks = []
+            for i in range(n_blocks):
+                block = block_cls(in_planes, planes, stride if i == 0 else 1, router_kwargs)
+                in_planes = block.out_channels
+                blocks.append(block)
+                block_stage.append(stage_idx)
+                block_widths.append(in_planes)
+            self.add_module(f"layer{stage_idx + 1}", nn.Sequential(*blocks))
+            stage_widths.append(in_planes)
+        self.num_stages = len(layers)
+        self.block_stage = tuple(block_stage)
+        self.num_features = feature_dim = stage_widths[-1]  # D, timm's name for the head width
+        self.fc = nn.Linear(feature_dim, num_classes)
+        self.aux_heads = (
+            nn.ModuleList(StageHead(w, feature_dim, num_classes) for w in stage_widths[:-1]) if aux_heads else None
+        )
+        self.block_aligners = (
+            nn.ModuleList(nn.Identity() if w == feature_dim else nn.Linear(w, feature_dim) for w in block_widths)
+            if block_align
+            else None
+        )
+        self._init_weights()
+
+    # ---------------------------------------------------------------- construction helpers
+    def _stem(self, in_chans: int, stem_channels: int) -> None:
+        raise NotImplementedError
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def gated_blocks(self) -> Iterator[GatedBlock]:
+        """The N gated blocks in execution order."""
+        for stage in self.stages:
+            yield from stage  # type: ignore[misc]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_stage)
+
+    # ---------------------------------------------------------------- gate control
+    def set_gate_override(self, value: Optional[bool]) -> None:
+        """Force every gate open (True), closed (False), or back to the routers (None)."""
+        for block in self.gated_blocks():
+            block.router.force = value
+
+    def set_execution(self, mode: str) -> None:
+        """"masked" (compute every block, multiply by the gate) or "skip" (in eval mode, run a
+        block's residual branch only on the samples whose gate is open)."""
+        if mode not in ("masked", "skip"):
+            raise ValueError(f"execution mode must be 'masked' or 'skip', got {mode!r}")
+        for block in self.gated_blocks():
+            block.execution = mode
+
+    # ---------------------------------------------------------------- forward
+    def check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or min(x.shape[-2:]) < self.min_input_size:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)}: {type(self).__name__} expects (B, {self.in_chans}, H, W) "
+                f"with H, W >= {self.min_input_size}"
+            )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """timm-style: the final feature map (B, D, h, w); gate information is discarded."""
+        self.check_input(x)
+        x = self.forward_stem(x)
+        for block in self.gated_blocks():
+            x, _ = block(x)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        x = x.mean(dim=(2, 3))  # (B, D)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> SPNetOutput:
+        self.check_input(x)
+        x = self.forward_stem(x)
+        gates, stage_pooled, block_features = [], [], []
+        for stage in self.stages:
+            for block in stage:
+                x, gate = block(x)
+                gates.append(gate)
+                if self.block_aligners is not None:
+                    block_features.append(self.block_aligners[len(gates) - 1](x.mean(dim=(2, 3))))
+            stage_pooled.append(x.mean(dim=(2, 3)))  # (B, C_k)
+
+        final = stage_pooled[-1]  # (B, D); a_K is the identity
+        logits = self.fc(final)
+        stage_features, stage_logits = [], []
+        if self.aux_heads is not None:
+            for head, pooled in zip(self.aux_heads, stage_pooled[:-1]):
+                aligned = head.align(pooled)  # (B, D)
+                stage_features.append(aligned)
+                stage_logits.append(head.fc(aligned))
+        stage_features.append(final)
+        stage_logits.append(logits)
+        return SPNetOutput(
+            logits=logits,
+            stage_logits=stage_logits,
+            gate_probs=torch.stack([g.prob for g in gates], dim=1),  # (B, N)
+            gate_decisions=torch.stack([g.decision for g in gates], dim=1),  # (B, N)
+            gate_logits=torch.stack([g.logits for g in gates], dim=1),  # (B, N, 2)
+            stage_features=stage_features,
+            block_features=block_features if self.block_aligners is not None else None,
+            block_stage=self.block_stage,
+        )
+
+    # ---------------------------------------------------------------- export
+    def inference_copy(self) -> "GatedResNet":
+        """A copy without the training-only heads and block aligners (what gets exported)."""
+        model = copy.deepcopy(self)
+        model.aux_heads = None
+        model.block_aligners = None
+        return model
+
+
+class GatedCifarResNet(GatedResNet):
+    """He et al.'s CIFAR ResNet-(6n+2): 3x3 stem, stages of 16/32/64 channels, option-A shortcuts."""
+
+    min_input_size = 8
+
+    def __init__(self, depth: int, **kwargs) -> None:
+        if (depth - 2) % 6 != 0:
+            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        n = (depth - 2) // 6
+        super().__init__(GatedBasicBlock, [n, n, n], [16, 32, 64], stem_channels=16, **kwargs)
+
+    def _stem(self, in_chans: int, stem_channels: int) -> None:
+        self.conv1 = nn.Conv2d(in_chans, stem_channels, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return F.relu(self.bn1(self.conv1(x)))
+
+
+class GatedImageNetResNet(GatedResNet):
+    """torchvision-compatible ResNet v1.5 (stride on the 3x3 conv of the bottleneck)."""
+
+    min_input_size = 32  # five stride-2 steps
+
+    def __init__(self, layers: Sequence[int], **kwargs) -> None:
+        super().__init__(GatedBottleneck, layers, [64, 128, 256, 512], stem_channels=64, **kwargs)
+
+    def _stem(self, in_chans: int, stem_channels: int) -> None:
+        self.conv1 = nn.Conv2d(in_chans, stem_channels, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+def load_torchvision_weights(model: GatedResNet, weights: Union[str, Path, Mapping[str, Tensor]]) -> None:
+    """Load a torchvision ResNet state dict into a gated ResNet.
+
+    Every key of the gated model except routers and training-only heads must be present, and
+    every key of the file must be used; anything else is an error (no silent ``strict=False``).
+
+    Args:
+        model: the gated model.
+        weights: a state dict, or a path to a ``.safetensors`` file or a torch ``.pth`` file
+            (read with ``weights_only=True``: loading weights never unpickles arbitrary objects).
+    """
+    if isinstance(weights, (str, Path)):
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"model.torchvision_weights: no such file: {path}")
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        state = dict(weights)
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not any(m in f".{k}" for m in SPNET_ONLY_KEY_MARKERS)]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"torchvision weights do not match {type(model).__name__}: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}"
+        )
