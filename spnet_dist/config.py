@@ -1,0 +1,756 @@
+"""Typed configuration: dataclass schema, YAML loading, dotted overrides, validation, DeepSpeed JSON.
+
+One config file describes one run. Files may inherit with a top-level ``base: other.yaml`` key
+(resolved relative to the file, recursively, deep-merged) so a paper-table config is a few lines.
+Command-line overrides use dotted keys, e.g. ``optim.lr=0.2 schedule.milestones=[30,60]``; each
+value is parsed with ``yaml.safe_load``.
+
+Every invalid input raises :class:`ConfigError` with one line naming the field and the file (or
+override) it came from. The DeepSpeed JSON is derived here (:func:`deepspeed_config`) and never
+written by hand anywhere else.
+
+This module is pure: importing it or loading a config creates no file and no process group (only
+:func:`save_config` writes), so it is safe to call before ``torch.distributed`` is initialised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import yaml
+
+__all__ = [
+    "MODEL_NAMES", "IMAGENET_MODELS", "ConfigError",
+    "ModelConfig", "TeacherConfig", "LossConfig", "DataConfig", "OptimConfig", "ScheduleConfig",
+    "EngineConfig", "RunConfig", "Config",
+    "load_config", "config_from_dict", "validate", "micro_batch_size", "deepspeed_config",
+    "to_dict", "save_config", "add_config_arguments", "config_from_args", "parse_args",
+]
+
+# Registry names accepted by ``model.name``. Kept here (not imported from spnet_dist.models) so that
+# loading a config never imports torch; tests/test_config.py checks that the registry agrees.
+IMAGENET_MODELS = ("spnet_resnet50", "spnet_resnet101")
+MODEL_NAMES = IMAGENET_MODELS + (
+    "spnet_cifar_resnet20", "spnet_cifar_resnet32", "spnet_cifar_resnet56", "spnet_cifar_resnet110",
+)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``str(err)`` is one line naming the field (and file when known).
+
+    Args:
+        message: the one-line description.
+        field: dotted name of the offending field (``"optim.lr"``) when the error concerns one;
+            ``load_config`` uses it to prefix the file or override that set the value.
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(" ".join(str(message).split()))  # always one line
+        self.field = field
+
+
+def _help(text: str, **kwargs: Any) -> Any:
+    """A dataclass field carrying the help text that ``--help`` prints."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    name: str = _help("registry name: " + ", ".join(MODEL_NAMES), default="spnet_cifar_resnet110")
+    num_classes: int = _help("number of classes (10 CIFAR-10 / digits, 100 CIFAR-100, 1000 ImageNet)",
+                             default=10)
+    router_hidden: int = _help("hidden width of each block's router MLP (paper: 128)", default=128)
+    router_dropout: float = _help("dropout inside the router MLP, in [0, 1) (paper: 0.4)", default=0.4)
+    router_bias: list[float] = _help(
+        "init bias of the router's last layer (skip, execute); (0.1, 2.0) opens blocks at p~0.87",
+        default_factory=lambda: [0.1, 2.0])
+    gumbel_tau: float = _help("Gumbel-softmax temperature during training (paper: 1.0)", default=1.0)
+    gumbel_noise: bool = _help(
+        "sample Gumbel noise in training; false = hard argmax + straight-through softmax (tests)",
+        default=True)
+    sync_bn: bool = _help("convert BatchNorm to SyncBatchNorm (small per-rank batches)", default=False)
+    torchvision_weights: str | None = _help(
+        "path to a torchvision ResNet state dict (.pth or .safetensors) to initialise the backbone; "
+        "ImageNet models only", default=None)
+
+
+@dataclass
+class TeacherConfig:
+    enabled: bool = _help("use the EMA dynamic auxiliary module (paper component A)", default=True)
+    momentum: float = _help(
+        "m in theta_t <- m*theta_t + (1-m)*theta_d, in [0, 1); paper 0.7 CIFAR-10, 0.6 CIFAR-100, "
+        "official code 0.9 ImageNet", default=0.7)
+    forward_mode: str = _help(
+        "'eval' (deterministic: running BN stats, no Gumbel noise) | 'train' (official code)",
+        default="eval")
+    buffers: str = _help("BN buffers of the teacher: 'copy' from the student | 'ema' like parameters",
+                         default="copy")
+
+
+@dataclass
+class LossConfig:
+    stage_heads: bool = _help("CE on all K stage classifiers (paper component B); false = last only",
+                              default=True)
+    alpha: float = _help("weight of L_path (paper: 1); ignored without the teacher", default=1.0)
+    beta: float = _help("weight of L_logits (paper: 0.5); ignored without the teacher", default=0.5)
+    gamma: float = _help("weight of L_evo (paper: 1e-4)", default=1e-4)
+    path_form: str = _help(
+        "'paper' (sum of squared execution-probability differences) | 'code' (0.1 * MSE of gate logits)",
+        default="paper")
+    logits_form: str = _help(
+        "'paper' (sum of KL per head) | 'code' (MSE of every head to the teacher's final logits)",
+        default="paper")
+    evo_strategy: str = _help(
+        "L_evo strategy (component C): 'stages' (Table 5 EXP-3) | 'blocks' (EXP-1) | "
+        "'blocks_within_stage' (EXP-2) | 'none'", default="stages")
+    cost_weight: float = _help("weight of L_cost; 0 disables it (needs loss.target_rate when > 0)",
+                               default=0.0)
+    target_rate: float | None = _help("target execution rate t of L_cost, in [0, 1]", default=None)
+    cost_form: str = _help(
+        "'two_sided' (paper: (v - t)^2) | 'hinge' (official ImageNet code: only rates above t)",
+        default="two_sided")
+
+
+@dataclass
+class DataConfig:
+    format: str = _help(
+        "'imagefolder' (train/ and val/ class folders of JPEGs) | 'cifar' (python-pickle CIFAR-10/100 "
+        "directory) | 'digits' (scikit-learn digits converted to JPEGs on first use)",
+        default="imagefolder")
+    root: str = _help(
+        "dataset directory; for 'digits' the cache directory (empty = ~/.cache/spnet_dist/digits)",
+        default="")
+    image_size: int = _help("training / evaluation input resolution (>= 8)", default=224)
+    augment: str = _help("'auto' (by format) | 'imagenet' | 'cifar' | 'digits' | 'none'", default="auto")
+    num_workers: int = _help("data-loading worker processes per rank", default=4)
+    eval_batch_size: int = _help("evaluation batch size per rank", default=64)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _help("initial SGD learning rate (paper: 0.1)", default=0.1)
+    momentum: float = _help("SGD momentum, in [0, 1) (paper: 0.9)", default=0.9)
+    weight_decay: float = _help("SGD weight decay (paper: 1e-4)", default=1e-4)
+    nesterov: bool = _help("Nesterov momentum (needs optim.momentum > 0)", default=False)
+
+
+@dataclass
+class ScheduleConfig:
+    kind: str = _help("'multistep' (paper) | 'cosine'", default="multistep")
+    epochs: int = _help("training epochs (paper: 320 CIFAR, 120 ImageNet)", default=320)
+    milestones: list[int] = _help(
+        "multistep only: epochs at which lr is multiplied by schedule.decay (converted to optimizer "
+        "steps by the engine)", default_factory=lambda: [150, 250])
+    decay: float = _help("multistep lr factor at each milestone, in (0, 1] (paper: 0.1)", default=0.1)
+    warmup_epochs: float = _help("linear lr warm-up length in epochs (fractions allowed)", default=0.0)
+
+
+@dataclass
+class EngineConfig:
+    global_batch_size: int = _help(
+        "the paper's batch size; micro batch per rank = global / (grad_accum x world size)", default=256)
+    grad_accum: int = _help("gradient accumulation steps per optimizer step", default=1)
+    zero_stage: int = _help("DeepSpeed ZeRO stage: 0, 1 or 2 (sharded optimizer state); 3 is rejected",
+                            default=1)
+    precision: str = _help("'bf16' | 'fp16' | 'fp32', through DeepSpeed's torch_autocast section",
+                           default="bf16")
+    clip_grad: float | None = _help("gradient-norm clipping threshold; null disables it", default=None)
+    backend: str = _help("'auto' (nccl with CUDA, else gloo) | 'nccl' | 'gloo'", default="auto")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = _help("run directory (config.yaml, metrics.jsonl, checkpoints/)", default="runs/default")
+    seed: int = _help("base random seed", default=0)
+    eval_every: int = _help("evaluate every N epochs", default=1)
+    log_every: int = _help("log training metrics every N optimizer steps", default=50)
+    max_steps: int | None = _help("stop after this many optimizer steps (smoke tests, benchmarks)",
+                                  default=None)
+    progress: str = _help("'auto' (bar on a TTY, periodic lines otherwise) | 'bar' | 'log' | 'none'",
+                          default="auto")
+    tensorboard: bool = _help("write TensorBoard event files into run.out_dir", default=True)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Section name -> section dataclass, in schema order.
+_SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+# Section -> {field name: resolved annotation} (annotations are strings under `from __future__`).
+_FIELD_TYPES: dict[str, dict[str, Any]] = {s: typing.get_type_hints(cls) for s, cls in _SECTIONS.items()}
+_ALL_KEYS = [f"{s}.{k}" for s, fields in _FIELD_TYPES.items() for k in fields]
+
+CHOICES: dict[str, tuple[Any, ...]] = {
+    "teacher.forward_mode": ("eval", "train"),
+    "teacher.buffers": ("copy", "ema"),
+    "loss.path_form": ("paper", "code"),
+    "loss.logits_form": ("paper", "code"),
+    "loss.evo_strategy": ("stages", "blocks", "blocks_within_stage", "none"),
+    "loss.cost_form": ("two_sided", "hinge"),
+    "data.format": ("imagefolder", "cifar", "digits"),
+    "data.augment": ("auto", "imagenet", "cifar", "digits", "none"),
+    "schedule.kind": ("multistep", "cosine"),
+    "engine.zero_stage": (0, 1, 2),
+    "engine.precision": ("bf16", "fp16", "fp32"),
+    "engine.backend": ("auto", "nccl", "gloo"),
+    "run.progress": ("auto", "bar", "log", "none"),
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Type conversion
+# --------------------------------------------------------------------------------------------------
+
+# PyYAML follows YAML 1.1, where "1e-4" (no dot) is a string, not a float: accept such numerals for
+# float fields so `gamma: 1e-4` and `loss.gamma=1e-4` mean what they say.
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "None" if tp is type(None) else tp.__name__
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Check ``value`` against annotation ``tp``; int->float is the only implicit conversion.
+
+    Args:
+        value: the parsed YAML value.
+        tp: a resolved annotation (str, int, float, bool, list[X], X | None).
+        name: dotted field name for the error message.
+    """
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return _convert(value, inner[0], name)
+        except ConfigError:
+            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}", name) from None
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}", name)
+        return [_convert(v, typing.get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    # bool is a subclass of int: keep booleans and numbers strictly apart.
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)
+    if tp is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}", name.split("[")[0])
+
+
+def _suggest(key: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, candidates, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _unknown_key(section: str, key: str) -> ConfigError:
+    dotted = f"{section}.{key}"
+    elsewhere = [f"{s}.{key}" for s, fields in _FIELD_TYPES.items() if key in fields]
+    hint = f" (did you mean '{elsewhere[0]}'?)" if elsewhere else _suggest(dotted, _ALL_KEYS)
+    return ConfigError(f"unknown key '{dotted}'{hint}", dotted)
+
+
+def _unknown_section(section: str) -> ConfigError:
+    return ConfigError(f"unknown section '{section}'{_suggest(section, list(_SECTIONS))}; "
+                       f"sections are {', '.join(_SECTIONS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+def _read_yaml(path: Path, shown: str) -> dict:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {shown}") from None
+    except OSError as err:
+        raise ConfigError(f"{shown}: cannot read config file ({err.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{shown}:{mark.line + 1}" if mark is not None else shown
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError(f"{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{shown}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _load_tree(path: Path, shown: str, tree: dict, sources: dict, chain: tuple = ()) -> None:
+    """Merge ``path`` (after its ``base:`` chain) into ``tree``; ``sources`` maps key -> file."""
+    resolved = path.resolve()
+    if resolved in chain:
+        raise ConfigError(f"{shown}: 'base' cycle through {shown}")
+    data = _read_yaml(path, shown)
+    base = data.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{shown}: 'base' must be a file path, got {base!r}")
+        base_path = path.parent / base
+        base_shown = os.path.normpath(os.path.join(os.path.dirname(shown), base))
+        if not base_path.is_file():
+            raise ConfigError(f"{shown}: base file '{base}' not found (looked for {base_shown})")
+        _load_tree(base_path, base_shown, tree, sources, chain + (resolved,))
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{shown}: {_unknown_section(str(section))}")
+        if values is None:  # an empty `teacher:` section
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{shown}: section '{section}' must be a mapping of fields, got {values!r}")
+        for key, value in values.items():
+            if key not in _FIELD_TYPES[section]:
+                raise ConfigError(f"{shown}: {_unknown_key(section, str(key))}", f"{section}.{key}")
+            tree.setdefault(section, {})[key] = value
+            sources[f"{section}.{key}"] = shown
+
+
+def _apply_override(text: str, tree: dict, sources: dict, where: str) -> None:
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    section, dot, name = key.partition(".")
+    if not sep or not dot or not name:
+        raise ConfigError(f"override '{text}': expected section.field=value, e.g. optim.lr=0.2")
+    label = f"{where} (override '{text}')"
+    if section not in _SECTIONS:
+        raise ConfigError(f"{label}: {_unknown_section(section)}")
+    if name not in _FIELD_TYPES[section]:
+        raise ConfigError(f"{label}: {_unknown_key(section, name)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{label}: cannot parse value {raw!r} ({getattr(err, 'problem', err)})") from None
+    # A shell cannot easily quote for YAML: `run.out_dir=2024` or `data.root=on` mean the text.
+    tp = _FIELD_TYPES[section][name]
+    if tp in (str, str | None) and value is not None and not isinstance(value, str):
+        value = raw
+    tree.setdefault(section, {})[name] = value
+    sources[key] = label
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Config:
+    """Build a :class:`Config` from ``{section: {field: value}}`` (e.g. a checkpoint's stored config).
+
+    Missing fields take their defaults; types are checked but :func:`validate` is not run.
+
+    Args:
+        data: nested mapping as produced by :func:`to_dict`.
+        source: name used as prefix in error messages.
+    """
+    sections = {}
+    for section, values in data.items():
+        if section not in _SECTIONS:
+            raise ConfigError(f"{source}: {_unknown_section(str(section))}")
+        kwargs = {}
+        for key, value in (values or {}).items():
+            if key not in _FIELD_TYPES[section]:
+                raise ConfigError(f"{source}: {_unknown_key(section, str(key))}")
+            try:
+                kwargs[key] = _convert(value, _FIELD_TYPES[section][key], f"{section}.{key}")
+            except ConfigError as err:
+                raise ConfigError(f"{source}: {err}", err.field) from None
+        sections[section] = _SECTIONS[section](**kwargs)
+    return Config(**sections)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), check_paths: bool = True,
+                world_size: int | None = None) -> Config:
+    """Load a YAML config (following ``base:``), apply dotted overrides, check types, validate.
+
+    Args:
+        path: the config file.
+        overrides: ``section.field=value`` strings; values are parsed with ``yaml.safe_load``.
+        check_paths: check that data.root / model.torchvision_weights exist. Paper configs hold
+            placeholder dataset paths, so tests load them with ``check_paths=False``.
+        world_size: for the batch divisibility check; None reads ``WORLD_SIZE`` (default 1).
+
+    Raises:
+        ConfigError: one line naming the field and the file or override that set it.
+    """
+    shown = str(path)
+    tree: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    _load_tree(Path(path), shown, tree, sources)
+    for text in overrides:
+        _apply_override(text, tree, sources, shown)
+
+    def where(err: ConfigError) -> str:
+        return sources.get(err.field or "", shown)
+
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        kwargs = {}
+        for key, value in tree.get(section, {}).items():
+            try:
+                kwargs[key] = _convert(value, _FIELD_TYPES[section][key], f"{section}.{key}")
+            except ConfigError as err:
+                raise ConfigError(f"{where(err)}: {err}", err.field) from None
+        sections[section] = cls(**kwargs)
+    cfg = Config(**sections)
+    try:
+        validate(cfg, world_size, check_paths=check_paths)
+    except ConfigError as err:
+        raise ConfigError(f"{where(err)}: {err}", err.field) from None
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+def _world_size_from_env() -> int:
+    # Read before any process group exists (launchers export WORLD_SIZE; torchrun, SLURM via submitit).
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        world = int(raw)
+    except ValueError:
+        world = 0
+    if world < 1:
+        raise ConfigError(f"WORLD_SIZE: expected a positive integer, got {raw!r}")
+    return world
+
+
+def micro_batch_size(cfg: Config, world_size: int | None = None) -> int:
+    """Per-rank batch of one forward/backward: global / (grad_accum x world size).
+
+    Args:
+        cfg: the run config.
+        world_size: number of data-parallel ranks; None reads ``WORLD_SIZE`` (default 1).
+
+    Raises:
+        ConfigError: when the global batch does not split evenly.
+    """
+    world = _world_size_from_env() if world_size is None else int(world_size)
+    if world < 1:
+        raise ConfigError(f"world size must be >= 1, got {world}")
+    eng = cfg.engine
+    per_step = eng.grad_accum * world
+    if eng.global_batch_size % per_step:
+        g = eng.global_batch_size
+        lower, upper = (g // per_step) * per_step, (g // per_step + 1) * per_step
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        if g % eng.grad_accum == 0:
+            worlds = [w for w in range(1, g // eng.grad_accum + 1) if (g // eng.grad_accum) % w == 0]
+            fits = (f"; world sizes that divide it with grad_accum {eng.grad_accum}: "
+                    + ", ".join(map(str, worlds[:12])) + (", ..." if len(worlds) > 12 else ""))
+        else:
+            fits = f"; grad_accum {eng.grad_accum} does not even divide {g}"
+        raise ConfigError(
+            f"engine.global_batch_size: {g} is not divisible by grad_accum x world size = "
+            f"{eng.grad_accum} x {world} = {per_step}; use a global batch of {nearest}{fits}",
+            "engine.global_batch_size")
+    return eng.global_batch_size // per_step
+
+
+def _check_types(cfg: Config) -> None:
+    # Configs built in Python skip load_config's conversion: check them against the annotations too.
+    for section in _SECTIONS:
+        sub = getattr(cfg, section)
+        if not isinstance(sub, _SECTIONS[section]):
+            raise ConfigError(f"{section}: expected {_SECTIONS[section].__name__}, got {sub!r}", section)
+        for key, tp in _FIELD_TYPES[section].items():
+            _convert(getattr(sub, key), tp, f"{section}.{key}")
+
+
+def validate(cfg: Config, world_size: int | None = None, check_paths: bool = True) -> None:
+    """Check ranges, choices and cross-field rules; raise the first problem as a ConfigError.
+
+    Args:
+        cfg: the config to check.
+        world_size: data-parallel ranks for the batch divisibility check; None reads the
+            ``WORLD_SIZE`` environment variable (default 1). No process group is needed.
+        check_paths: also check that data.root and model.torchvision_weights exist.
+    """
+    _check_types(cfg)
+
+    def fail(name: str, message: str) -> None:
+        raise ConfigError(f"{name}: {message}", name)
+
+    def need(ok: bool, name: str, rule: str) -> None:
+        if not ok:
+            section, key = name.split(".")
+            fail(name, f"{getattr(getattr(cfg, section), key)!r} is invalid; {rule}")
+
+    m, t, lo, d, o, s, e, r = (cfg.model, cfg.teacher, cfg.loss, cfg.data, cfg.optim, cfg.schedule,
+                               cfg.engine, cfg.run)
+
+    if e.zero_stage == 3:  # before the generic choice check: this one deserves its reason
+        fail("engine.zero_stage", "3 is not supported (ZeRO stage 3 shards parameters and breaks the "
+                                  "EMA teacher and per-block MACs); use 0, 1 or 2")
+    for name, allowed in CHOICES.items():
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            fail(name, f"{value!r} is not one of {', '.join(repr(a) for a in allowed)}")
+
+    # model
+    if m.name not in MODEL_NAMES:
+        fail("model.name", f"unknown model {m.name!r}{_suggest(m.name, MODEL_NAMES)}; "
+                           f"registered models are {', '.join(MODEL_NAMES)}")
+    need(m.num_classes >= 2, "model.num_classes", "must be >= 2")
+    need(m.router_hidden >= 1, "model.router_hidden", "must be >= 1")
+    need(0.0 <= m.router_dropout < 1.0, "model.router_dropout", "must be in [0, 1)")
+    need(len(m.router_bias) == 2, "model.router_bias", "must be two numbers (skip, execute)")
+    need(m.gumbel_tau > 0, "model.gumbel_tau", "must be > 0")
+    if m.torchvision_weights is not None:
+        if m.name not in IMAGENET_MODELS:
+            fail("model.torchvision_weights", f"torchvision weights only fit the ImageNet models "
+                                              f"({', '.join(IMAGENET_MODELS)}), not {m.name!r}")
+        if not m.torchvision_weights.endswith((".pth", ".pt", ".safetensors")):
+            fail("model.torchvision_weights", f"{m.torchvision_weights!r} is not a .pth/.pt/.safetensors file")
+        if check_paths and not Path(m.torchvision_weights).expanduser().is_file():
+            fail("model.torchvision_weights", f"file not found: {m.torchvision_weights}")
+
+    # teacher
+    need(0.0 <= t.momentum < 1.0, "teacher.momentum",
+         "must be in [0, 1) (m = 1 would freeze the teacher at its initialisation)")
+
+    # loss
+    for key in ("alpha", "beta", "gamma", "cost_weight"):
+        need(getattr(lo, key) >= 0, f"loss.{key}", "must be >= 0")
+    if lo.target_rate is not None:
+        need(0.0 <= lo.target_rate <= 1.0, "loss.target_rate", "must be in [0, 1]")
+    if lo.cost_weight > 0 and lo.target_rate is None:
+        fail("loss.cost_weight", f"{lo.cost_weight} > 0 needs loss.target_rate (the target "
+                                 "execution rate t of L_cost), e.g. loss.target_rate=0.5")
+
+    # data
+    need(d.image_size >= 8, "data.image_size", "must be >= 8")
+    need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    if d.format == "digits" and m.num_classes != 10:
+        fail("model.num_classes", f"the digits data set has 10 classes, got {m.num_classes}")
+    if check_paths:
+        _check_data_root(cfg)
+
+    # optim
+    need(o.lr > 0, "optim.lr", "must be > 0")
+    need(0.0 <= o.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+    need(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    if o.nesterov and o.momentum == 0:
+        fail("optim.nesterov", "Nesterov momentum needs optim.momentum > 0")
+
+    # schedule
+    need(s.epochs >= 1, "schedule.epochs", "must be >= 1")
+    need(0.0 < s.decay <= 1.0, "schedule.decay", "must be in (0, 1]")
+    need(0.0 <= s.warmup_epochs < s.epochs, "schedule.warmup_epochs",
+         f"must be >= 0 and < schedule.epochs ({s.epochs})")
+    if s.kind == "multistep":  # cosine ignores milestones, so a cosine config may keep the defaults
+        ms = s.milestones
+        if any(b <= a for a, b in zip(ms, ms[1:])):
+            fail("schedule.milestones", f"{ms} must be strictly increasing")
+        if ms and not (0 < ms[0] and ms[-1] < s.epochs):
+            fail("schedule.milestones", f"{ms} must lie in (0, schedule.epochs = {s.epochs})")
+
+    # engine
+    need(e.global_batch_size >= 1, "engine.global_batch_size", "must be >= 1")
+    need(e.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
+    if e.clip_grad is not None:
+        need(e.clip_grad > 0, "engine.clip_grad", "must be > 0 (use null to disable clipping)")
+    micro_batch_size(cfg, world_size)
+
+    # run
+    need(bool(r.out_dir.strip()), "run.out_dir", "must not be empty")
+    need(0 <= r.seed < 2**32, "run.seed", "must be in [0, 2**32)")
+    need(r.eval_every >= 1, "run.eval_every", "must be >= 1")
+    need(r.log_every >= 1, "run.log_every", "must be >= 1")
+    if r.max_steps is not None:
+        need(r.max_steps >= 1, "run.max_steps", "must be >= 1 (or null)")
+
+
+def _check_data_root(cfg: Config) -> None:
+    d, name = cfg.data, "data.root"
+    if d.format == "digits":
+        return  # a cache directory, created on first use
+    if not d.root:
+        raise ConfigError(f"{name}: required for data.format {d.format!r}", name)
+    root = Path(d.root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"{name}: directory not found: {d.root}", name)
+    if d.format == "imagefolder":
+        missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
+        if missing:
+            raise ConfigError(f"{name}: {d.root} has no {' or '.join(s + '/' for s in missing)} folder "
+                              "(imagefolder needs train/ and val/ with one subfolder per class)", name)
+        return
+    # cifar: the python-pickle files, in root itself or in the folder the official tarball extracts
+    # to (the same two layouts spnet_dist.data.cifar.find_cifar accepts).
+    for classes, folder, files in ((10, "cifar-10-batches-py", ("data_batch_1", "test_batch")),
+                                   (100, "cifar-100-python", ("train", "test"))):
+        if any(all((base / f).is_file() for f in files) for base in (root, root / folder)):
+            break
+    else:
+        raise ConfigError(f"{name}: {d.root} holds neither CIFAR-10 (data_batch_1, test_batch) nor "
+                          "CIFAR-100 (train, test) python-pickle files, directly or in "
+                          "cifar-10-batches-py/ / cifar-100-python/", name)
+    if cfg.model.num_classes != classes:
+        raise ConfigError(f"model.num_classes: {d.root} is CIFAR-{classes} but num_classes is "
+                          f"{cfg.model.num_classes}", "model.num_classes")
+
+
+# --------------------------------------------------------------------------------------------------
+# DeepSpeed JSON and serialisation
+# --------------------------------------------------------------------------------------------------
+
+def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict:
+    """The DeepSpeed config dict derived from ``cfg`` (the only place it is written).
+
+    Mixed precision goes through ``torch_autocast`` only: DeepSpeed's own ``bf16``/``fp16``
+    sections cast module parameters and break BatchNorm (see shared/notes/library-facts.md).
+
+    Args:
+        cfg: the run config.
+        world_size: data-parallel ranks; None reads ``WORLD_SIZE`` (default 1).
+    """
+    e = cfg.engine
+    if e.zero_stage not in (0, 1, 2):
+        validate(cfg, world_size, check_paths=False)  # raises the explanatory ZeRO error
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.zero_stage == 2:
+        # Skipped blocks leave parameters without gradients in a step: ZeRO-2 must tolerate them.
+        zero.update(overlap_comm=False, contiguous_gradients=True, ignore_unused_parameters=True)
+    autocast_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[e.precision]
+    return {
+        "train_batch_size": e.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": e.grad_accum,
+        "gradient_clipping": float(e.clip_grad) if e.clip_grad is not None else 0.0,
+        "zero_optimization": zero,
+        # We pass torch.optim.SGD ourselves; it is not on ZeRO's tested list.
+        "zero_allow_untested_optimizer": True,
+        "torch_autocast": {"enabled": e.precision != "fp32", "dtype": autocast_dtype},
+        "steps_per_print": 10**9,  # our own logging reports progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    """``{section: {field: value}}`` with plain Python values (YAML/JSON serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically); ``load_config`` reads it back equal.
+
+    Args:
+        cfg: the config to save.
+        path: destination file; parent directories are created.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# Resolved spnet-dist config (base files and overrides applied).\n"
+    text += yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=None)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers never see a half-written file
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+def _yaml_scalar(value: Any) -> str:
+    """``value`` as it would be written in YAML or an override (``null``, ``true``, ``[150, 250]``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _fields_epilog() -> str:
+    lines = ["configuration fields (override with section.field=value):"]
+    for section, cls in _SECTIONS.items():
+        lines.append(f"\n  {section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = _type_name(_FIELD_TYPES[section][f.name])
+            lines.append(f"    {section}.{f.name} ({tp}, {_yaml_scalar(default)}): {f.metadata['help']}")
+    return "\n".join(lines)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config FILE`` and positional ``section.field=value`` overrides to ``parser``.
+
+    Also sets an epilog listing every field (type, default, help) for ``--help``.
+
+    Args:
+        parser: the CLI's parser; its formatter becomes RawDescriptionHelpFormatter.
+    """
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ((parser.epilog + "\n\n") if parser.epilog else "") + _fields_epilog()
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="dotted overrides, e.g. optim.lr=0.2 schedule.milestones=[30,60]")
+    # The `deepspeed` launcher appends --local_rank=<i> to every rank's command line; the rank
+    # itself is read from the LOCAL_RANK environment variable it also exports.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     check_paths: bool = True) -> Config:
+    """Load the config named by parsed arguments; on error print ``error: ...`` and exit 2.
+
+    Args:
+        parser: the parser that produced ``args`` (for ``parser.error``).
+        args: namespace with ``config`` and ``overrides`` from :func:`add_config_arguments`.
+        check_paths: forwarded to :func:`load_config`.
+    """
+    try:
+        return load_config(args.config, args.overrides, check_paths=check_paths)
+    except ConfigError as err:
+        parser.error(str(err))
+
+
+def parse_args(argv: Sequence[str] | None = None, description: str = "",
+               check_paths: bool = True) -> Config:
+    """Parse ``--config FILE [section.field=value ...]`` into a validated Config.
+
+    Args:
+        argv: arguments without the program name; None uses ``sys.argv[1:]``.
+        description: text shown at the top of ``--help``.
+        check_paths: forwarded to :func:`load_config`.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_config_arguments(parser)
+    # intermixed: launchers may put their own flags (--local_rank) between the overrides
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else list(argv))
+    return config_from_args(parser, args, check_paths=check_paths)
