@@ -1,0 +1,78 @@
+"""Builders of tiny on-disk data sets (ImageNet-layout JPEG folders, CIFAR pickles) for the tests."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+
+def make_image_folder(root: Path, classes=("cat", "dog", "fox"), per_class: int = 8,
+                      size=(20, 24), splits=("train", "val"), seed: int = 0) -> Path:
+    """Write ``root/<split>/<class>/<i>.jpg`` with random RGB pixels; return ``root``."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for name in classes:
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(d / f"{i}.jpg", quality=90)
+    return root
+
+
+def cifar_rows(labels) -> np.ndarray:
+    """(N, 3072) uint8 rows whose red plane holds the label, green 100 + label, blue 200."""
+    n = len(labels)
+    rows = np.empty((n, 3, 1024), dtype=np.uint8)
+    rows[:, 0] = np.asarray(labels, dtype=np.uint8)[:, None]
+    rows[:, 1] = 100 + np.asarray(labels, dtype=np.uint8)[:, None] % 50
+    rows[:, 2] = 200
+    return rows.reshape(n, 3072)
+
+
+def write_pickle(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def make_cifar10(directory: Path, per_file: int = 4) -> Path:
+    """Fake CIFAR-10 pickle dir: data_batch_1..5 + test_batch + batches.meta."""
+    for i in range(1, 6):
+        labels = [(i + j) % 10 for j in range(per_file)]
+        write_pickle(directory / f"data_batch_{i}", {b"data": cifar_rows(labels), b"labels": labels})
+    labels = list(range(per_file))
+    write_pickle(directory / "test_batch", {b"data": cifar_rows(labels), b"labels": labels})
+    names = [f"c{k}".encode() for k in range(10)]
+    write_pickle(directory / "batches.meta", {b"label_names": names})
+    return directory
+
+
+def make_cifar100(directory: Path, n_train: int = 12, n_test: int = 5) -> Path:
+    """Fake CIFAR-100 pickle dir: train + test (fine and coarse labels), no meta file."""
+    for name, n in (("train", n_train), ("test", n_test)):
+        fine = [(7 * j) % 100 for j in range(n)]
+        write_pickle(directory / name, {b"data": cifar_rows(fine), b"fine_labels": fine,
+                                        b"coarse_labels": [f // 5 for f in fine]})
+    return directory
+
+
+class IndexDataset(Dataset):
+    """Sample i is a (3, 4, 4) image filled with i plus a torch-random draw, and label i.
+
+    The random part shows whether augmentation randomness is reproduced.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((3, 4, 4), float(i)) + torch.rand(3, 4, 4), i
+
