@@ -1,0 +1,338 @@
+"""Process-group helpers shared by the trainer, the EMA teacher and the tools.
+
+One entry point, :func:`init_distributed`, covers every way a job starts:
+
+* a plain ``python`` process (laptop demo, unit tests): a 1-rank group on an in-memory store;
+* ``torchrun`` and the ``deepspeed`` launcher: both export ``RANK``, ``LOCAL_RANK``,
+  ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
+* SLURM through submitit: ``TorchDistributedEnvironment().export()`` exports the same variables
+  (and ``CUDA_VISIBLE_DEVICES=<local rank>``, so each task sees its GPU as ``cuda:0``).
+
+Every other helper works without an initialised group (it then behaves as a world of one), so
+library code can call them unconditionally. The only global state is torch.distributed's own.
+
+The collectives here exist because DeepSpeed only keeps *parameters* in sync: BatchNorm buffers
+drift apart across ranks (measured, see ``library-facts.md``) and the EMA teacher lives outside
+the engine, yet every rank must hold a bit-identical teacher.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+__all__ = [
+    "DistInfo",
+    "init_distributed",
+    "resolve_backend",
+    "get_rank",
+    "get_local_rank",
+    "get_world_size",
+    "is_main_process",
+    "barrier",
+    "destroy",
+    "all_reduce_mean_",
+    "broadcast_",
+    "average_buffers_",
+    "broadcast_object",
+    "count_rank_mismatches",
+]
+
+_BACKENDS = ("auto", "nccl", "gloo")
+# Variables a launcher (torchrun, deepspeed, submitit) exports; RANK + WORLD_SIZE decide
+# whether we were launched or run as a single plain process.
+_LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    Attributes:
+        rank: global rank in ``[0, world_size)``.
+        local_rank: rank on this node (selects the GPU).
+        world_size: number of processes in the job.
+        device: the device this rank computes on (``cuda:i`` or ``cpu``).
+    """
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """Map the config's backend name to a torch.distributed backend.
+
+    Args:
+        backend: ``"auto"`` (NCCL when CUDA is available, else gloo), ``"nccl"`` or ``"gloo"``.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend 'nccl' needs a CUDA device; use 'gloo' or 'auto' on CPU")
+    return backend
+
+
+def _select_device(local_rank: int) -> torch.device:
+    """The device for this rank: ``cuda:local_rank``, or ``cuda:0`` when only one GPU is visible.
+
+    submitit exports ``CUDA_VISIBLE_DEVICES=<local rank>``, so every task sees exactly one GPU
+    (index 0) while LOCAL_RANK still counts 0..n-1 on the node.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    n = torch.cuda.device_count()
+    if local_rank < n:
+        return torch.device("cuda", local_rank)
+    if n == 1:
+        return torch.device("cuda", 0)
+    raise RuntimeError(
+        f"LOCAL_RANK={local_rank} but {n} GPUs are visible: more processes than GPUs on this node"
+    )
+
+
+def init_distributed(backend: str = "auto", timeout: timedelta | None = None) -> DistInfo:
+    """Initialise torch.distributed once and describe this rank. Idempotent.
+
+    Launched jobs (torchrun, ``deepspeed``, submitit) are recognised by ``RANK`` and
+    ``WORLD_SIZE`` in the environment and initialised with ``env://``. A plain process gets a
+    1-rank group on an in-memory ``HashStore`` (no port to pick, nothing to collide with), and
+    ``RANK=0``, ``LOCAL_RANK=0``, ``WORLD_SIZE=1`` are exported because DeepSpeed's engine reads
+    ``LOCAL_RANK`` from the environment.
+
+    Args:
+        backend: ``"auto"``, ``"nccl"`` or ``"gloo"`` (see :func:`resolve_backend`).
+        timeout: collective timeout; ``None`` keeps torch's default.
+
+    Returns:
+        DistInfo for this process. On CUDA the current device is set to ``DistInfo.device``.
+    """
+    name = resolve_backend(backend)
+    if dist.is_available() and dist.is_initialized():
+        active = dist.get_backend()
+        if backend != "auto" and name not in str(active):
+            raise RuntimeError(f"process group already initialised with {active!r}, not {name!r}")
+        return _current_info()
+
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    if launched:
+        missing = [v for v in _LAUNCH_VARS if v not in os.environ]
+        if missing:
+            raise RuntimeError(f"RANK/WORLD_SIZE are set but {missing} are not: incomplete launcher env")
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+        for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(var, value)
+        kwargs["store"] = dist.HashStore()
+
+    device = _select_device(local_rank)
+    if device.type == "cuda":
+        # Bind before init so NCCL creates its communicator on the right GPU (device_id makes
+        # the init eager and lets barrier() know its device).
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    if launched:
+        kwargs["init_method"] = "env://"
+    dist.init_process_group(backend=name, rank=rank, world_size=world_size, **kwargs)
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def _current_info() -> DistInfo:
+    local_rank = get_local_rank()
+    return DistInfo(get_rank(), local_rank, get_world_size(), _select_device(local_rank))
+
+
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+# --------------------------------------------------------------------------------------------
+# Queries that work with or without a process group
+# --------------------------------------------------------------------------------------------
+
+
+def get_rank() -> int:
+    """Global rank; before initialisation the launcher's ``RANK`` (0 for a plain process)."""
+    return dist.get_rank() if _initialized() else int(os.environ.get("RANK", 0))
+
+
+def get_local_rank() -> int:
+    """Rank on this node (``LOCAL_RANK``; 0 for a plain process)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def get_world_size() -> int:
+    """Number of processes; before initialisation the launcher's ``WORLD_SIZE`` (else 1)."""
+    return dist.get_world_size() if _initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """True on global rank 0: the rank that logs, prints and writes shared files."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a group or with a single rank."""
+    if _initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def destroy() -> None:
+    """Tear the process group down (end of ``main``, between tests). Safe to call twice."""
+    if _initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives on lists of tensors (one collective per (device, dtype) bucket)
+# --------------------------------------------------------------------------------------------
+
+
+def _buckets(tensors: Iterable[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Group tensors by (device, dtype), preserving order, so each bucket flattens into one
+    contiguous buffer and costs one collective instead of one per tensor."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
+def _write_back(bucket: Sequence[torch.Tensor], flat: torch.Tensor) -> None:
+    torch._foreach_copy_(list(bucket), list(_unflatten_dense_tensors(flat, bucket)))
+
+
+def all_reduce_mean_(tensors: Sequence[torch.Tensor]) -> None:
+    """Average floating-point tensors across ranks, in place, bit-identically on every rank.
+
+    Per (device, dtype) bucket: flatten, one ``all_reduce(SUM)``, divide by the world size,
+    copy back. Every rank ends with the same bits because
+
+    * the SUM is the same on every rank. gloo's ring algorithm reduces each chunk on a single
+      owner rank and then copies the owner's bytes to the others (reduce-scatter + all-gather);
+      gloo's intra-node shared-memory path has every rank add the buffers in the same rank
+      order 0..W-1 with the same code; NCCL's ring and tree compute the final sum once and
+      transmit it unchanged (NCCL maintainers, NVIDIA/nccl#855). Only *which* order the sum
+      uses may vary between runs or algorithms, never between ranks of one call;
+    * the division is IEEE-754 correctly rounded, so identical inputs give identical outputs
+      on every rank whatever the vector width.
+
+    A broadcast from rank 0 afterwards would therefore change nothing, so none is issued; the
+    3-rank test in ``tests/test_distributed.py`` uses values whose sum depends on the order.
+
+    Args:
+        tensors: floating-point tensors (any mix of dtypes/devices); modified in place.
+            All ranks must pass the same shapes in the same order.
+    """
+    tensors = list(tensors)
+    for t in tensors:
+        if not t.is_floating_point():
+            raise TypeError(f"all_reduce_mean_ averages floating-point tensors, got {t.dtype}")
+    world_size = get_world_size() if _initialized() else 1
+    if world_size == 1 or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat.div_(world_size)
+        _write_back(bucket, flat)
+
+
+def broadcast_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values, in place.
+
+    Args:
+        tensors: tensors of any dtype; all ranks pass the same shapes in the same order.
+        src: global rank whose values win.
+    """
+    tensors = list(tensors)
+    if not _initialized() or dist.get_world_size() == 1 or not tensors:
+        return
+    for bucket in _buckets(tensors):
+        flat = _flatten_dense_tensors(bucket)
+        dist.broadcast(flat, src=src)
+        _write_back(bucket, flat)
+
+
+def average_buffers_(module: torch.nn.Module) -> None:
+    """Make every buffer of ``module`` identical across ranks, in place.
+
+    Rule:
+      * floating-point buffers (BatchNorm ``running_mean`` / ``running_var``) are statistics
+        of each rank's data: they are averaged (:func:`all_reduce_mean_`), as timm's
+        ``distribute_bn(reduce=True)`` does. Averaging per-rank running variances ignores the
+        spread of the per-rank means, which is small for i.i.d. shards and is what the
+        eval-time BN sees in single-GPU training anyway (a running average over batches);
+      * every other buffer (``num_batches_tracked``, masks, bool flags) is a counter or a
+        structural value, not a statistic: averaging an integer would round and could yield
+        a value no rank ever had. All ranks run the same number of train-mode forwards, so
+        these are equal already; they are broadcast from rank 0 so that this holds even when
+        a rank ran an extra forward, and the result is always a value a real rank had.
+
+    DeepSpeed never syncs buffers after its initial broadcast, so the trainer calls this before
+    eval / save / export and before each EMA-teacher update.
+
+    Args:
+        module: any module (the engine's ``engine.module``, the teacher, ...).
+    """
+    buffers = list(module.buffers())
+    all_reduce_mean_([b for b in buffers if b.is_floating_point()])
+    broadcast_([b for b in buffers if not b.is_floating_point()], src=0)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (small picklable objects: run ids, paths).
+
+    Args:
+        obj: the value on rank ``src``; ignored on the other ranks.
+        src: global rank that owns the value.
+    """
+    if not _initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def count_rank_mismatches(tensors: Sequence[torch.Tensor]) -> int:
+    """Number of bytes, summed over ranks, in which ``tensors`` differ from rank 0's copy.
+
+    0 means bit-identical on every rank (NaNs included: the comparison is on raw bytes). Every
+    rank gets the same answer. Use it in tests and in debug checks of the teacher.
+
+    Args:
+        tensors: tensors of any dtype; all ranks pass the same shapes in the same order.
+    """
+    tensors = list(tensors)
+    if not _initialized() or dist.get_world_size() == 1 or not tensors:
+        return 0
+    device = tensors[0].device
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    for bucket in _buckets(tensors):
+        mine = _flatten_dense_tensors(bucket)
+        ref = mine.clone()
+        dist.broadcast(ref, src=0)
+        diff = (mine.view(torch.uint8) != ref.view(torch.uint8)).sum()
+        total += diff.to(device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total.item())

@@ -1,0 +1,284 @@
+"""The DeepSpeed engine: SGD, the learning-rate schedule, ZeRO 1/2, autocast, accumulation.
+
+The trainer's step, in order (one micro-batch)::
+
+    out = engine(x)                      # DeepSpeed applies torch.autocast itself (see below)
+    loss = criterion(out, ...)           # outside autocast: upcast logits in the criterion
+    engine.backward(loss)                # scales by 1/grad_accum (and the fp16 GradScaler)
+    if engine_step(engine):              # == is_boundary() before engine.step()
+        teacher.update(engine.module)    # exactly once per optimizer step
+
+DeepSpeed 0.19.8 facts this module relies on (read in its source and pinned by
+``tests/test_engine.py``):
+
+* ``torch_autocast`` section: ``engine.forward`` runs ``self.module(...)`` inside
+  ``torch.autocast(device_type=<accelerator>, dtype=<section dtype>)``
+  (``runtime/torch_autocast.py: autocast_if_enabled``). Parameters and BatchNorm stay fp32.
+  An autocast the caller opened around ``engine(x)`` is *replaced* by the section's settings
+  when the section is enabled; when it is disabled, DeepSpeed detects the outer autocast
+  only through ``torch.is_autocast_enabled()`` (CUDA's), so on GPU it is switched off and on
+  CPU it stays on. Never wrap the engine call; only code outside the engine (the EMA teacher
+  forward) uses :func:`autocast_context`.
+* Only the module call is autocast: a loss computed from ``engine(x)``'s outputs runs in
+  whatever dtype those outputs have (bf16 logits) unless the criterion upcasts.
+* ``engine.backward`` needs nothing special for bf16. For fp16, DeepSpeed creates a
+  ``torch.amp.GradScaler`` (in the ZeRO-1/2 optimizer, or ``engine.torch_autocast_z0_gradscaler``
+  for stage 0); ``engine.backward`` scales the loss. Only a manual ``loss.backward()`` needs
+  ``engine.scale(loss)`` first. Overflow handling differs by stage (measured on CPU):
+  stage 0 lets the GradScaler skip the step and halve its scale, unseen by DeepSpeed
+  (``was_step_applied()`` True, scheduler stepped); ZeRO 1/2 skip the step themselves
+  (``skipped_steps`` counts it, scheduler not stepped) but the GradScaler's scale is never
+  lowered. bf16 (the default) has none of this.
+* Under ``torch_autocast``, ZeRO reduces the gradients of Linear/Conv parameters (its
+  ``lower_precision_safe_modules``) in the autocast dtype, other gradients in fp32;
+  ``"lower_precision_safe_modules": []`` in the section keeps every reduction in fp32.
+* Boundaries: see :func:`is_boundary`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from types import SimpleNamespace
+from typing import Any, ContextManager
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.optim import lr_scheduler as sched
+
+from spnet_dist.distributed import init_distributed
+
+__all__ = [
+    "WARMUP_START_FACTOR",
+    "build_optimizer",
+    "build_scheduler",
+    "build_engine",
+    "check_ds_config",
+    "autocast_context",
+    "is_boundary",
+    "engine_step",
+]
+
+# Warm-up starts at lr x this factor and rises linearly to lr (LinearLR needs a factor > 0).
+WARMUP_START_FACTOR = 1e-3
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer and schedule
+# --------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg: Any) -> torch.optim.SGD:
+    """SGD with momentum and weight decay over the trainable parameters (paper recipe).
+
+    One parameter group: the paper (and its code) decays every parameter, BN included.
+    SGD is not on ZeRO's tested-optimizer list, so the DeepSpeed config must carry
+    ``"zero_allow_untested_optimizer": true`` (``config.deepspeed_config`` writes it).
+
+    Args:
+        model: the student network.
+        optim_cfg: has ``lr``, ``momentum``, ``weight_decay``, ``nesterov``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(
+        params,
+        lr=optim_cfg.lr,
+        momentum=optim_cfg.momentum,
+        weight_decay=optim_cfg.weight_decay,
+        nesterov=optim_cfg.nesterov,
+    )
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule_cfg: Any, steps_per_epoch: int
+) -> sched.LRScheduler:
+    """The learning-rate schedule, stepped once per OPTIMIZER step (DeepSpeed does it).
+
+    * ``multistep``: ``MultiStepLR`` with ``milestones x steps_per_epoch`` and factor ``decay``
+      (paper: x0.1 at each milestone epoch). With warm-up, a ``LinearLR`` is chained
+      (``ChainedScheduler``): both factors multiply, so milestones stay absolute even if one
+      falls inside the warm-up.
+    * ``cosine``: ``CosineAnnealingLR`` to 0 over ``epochs x steps_per_epoch`` steps; with
+      warm-up, ``LinearLR`` first and then the cosine over the remaining steps (``SequentialLR``).
+
+    Warm-up lasts ``round(warmup_epochs x steps_per_epoch)`` steps, from
+    ``lr x WARMUP_START_FACTOR`` up to ``lr``.
+
+    Args:
+        optimizer: the (unwrapped) torch optimizer.
+        schedule_cfg: has ``kind``, ``epochs``, ``milestones``, ``decay``, ``warmup_epochs``.
+        steps_per_epoch: optimizer steps per epoch, i.e. micro-batches per rank and epoch
+            divided by ``grad_accum``.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    total = schedule_cfg.epochs * steps_per_epoch
+    warmup = round(schedule_cfg.warmup_epochs * steps_per_epoch)
+
+    def warmup_sched() -> sched.LinearLR:
+        return sched.LinearLR(optimizer, start_factor=WARMUP_START_FACTOR, end_factor=1.0,
+                              total_iters=warmup)
+
+    if schedule_cfg.kind == "multistep":
+        main = sched.MultiStepLR(
+            optimizer,
+            milestones=[int(m) * steps_per_epoch for m in schedule_cfg.milestones],
+            gamma=schedule_cfg.decay,
+        )
+        if warmup == 0:
+            return main
+        # LinearLR and MultiStepLR both update multiplicatively, so chaining them composes.
+        warm = warmup_sched()
+        return sched.ChainedScheduler([warm, main], optimizer=optimizer)
+    if schedule_cfg.kind == "cosine":
+        if warmup == 0:
+            return sched.CosineAnnealingLR(optimizer, T_max=total, eta_min=0.0)
+        warm = warmup_sched()
+        cosine = sched.CosineAnnealingLR(optimizer, T_max=max(1, total - warmup), eta_min=0.0)
+        return sched.SequentialLR(optimizer, [warm, cosine], milestones=[warmup])
+    raise ValueError(f"schedule.kind must be 'multistep' or 'cosine', got {schedule_cfg.kind!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Engine
+# --------------------------------------------------------------------------------------------
+
+
+def check_ds_config(ds_config: dict) -> None:
+    """Reject DeepSpeed settings this trainer cannot run correctly (clear ``ValueError``).
+
+    * ZeRO stage 3 partitions the parameters themselves: the EMA teacher reads the full
+      student parameters every step, BN buffers are averaged on whole modules, and export
+      expects whole tensors. Stages 0-2 keep full parameters on every rank.
+    * DeepSpeed's own ``bf16`` / ``fp16`` sections cast module parameters, which breaks
+      BatchNorm ("expected scalar type BFloat16 but found Float"); mixed precision goes
+      through the ``torch_autocast`` section.
+
+    Args:
+        ds_config: the DeepSpeed config dict (from ``config.deepspeed_config``).
+    """
+    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if stage >= 3:
+        raise ValueError(
+            f"ZeRO stage {stage} is not supported: it partitions the parameters, but the EMA "
+            "teacher, BN-buffer averaging and export need whole parameters on every rank. "
+            "Use engine.zero_stage 1 or 2 (sharded optimizer state / gradients).")
+    for key in ("bf16", "fp16"):
+        if (ds_config.get(key) or {}).get("enabled"):
+            raise ValueError(
+                f"DeepSpeed's '{key}' section casts the model and breaks BatchNorm; use the "
+                "'torch_autocast' section (engine.precision) instead.")
+
+
+def _device_rank() -> int:
+    """The device index DeepSpeed should bind.
+
+    DeepSpeed binds ``cuda:LOCAL_RANK`` unless ``args.device_rank`` says otherwise; under
+    submitit each task sees only its own GPU as ``cuda:0``, so hand it the device
+    ``init_distributed`` selected. On CPU the index is only used to name the device.
+    """
+    if torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def build_engine(
+    model: torch.nn.Module,
+    optim_cfg: Any,
+    schedule_cfg: Any,
+    ds_config: dict,
+    steps_per_epoch: int,
+) -> tuple[deepspeed.DeepSpeedEngine, torch.optim.Optimizer, sched.LRScheduler]:
+    """Wrap ``model`` in a DeepSpeed engine with our SGD and schedule.
+
+    The scheduler is handed to DeepSpeed, which steps it inside ``engine.step()`` at each
+    gradient-accumulation boundary (and not after an fp16 step skipped for overflow), so
+    the trainer never steps it itself; ``engine.save_checkpoint`` stores its state.
+    Initialises a 1-rank process group first if none exists.
+
+    Args:
+        model: the student (fp32 parameters; DeepSpeed moves it to its device).
+        optim_cfg: see :func:`build_optimizer`.
+        schedule_cfg: see :func:`build_scheduler`.
+        ds_config: DeepSpeed config dict (``config.deepspeed_config(cfg, world_size)``);
+            not modified.
+        steps_per_epoch: optimizer steps per epoch.
+
+    Returns:
+        ``(engine, optimizer, scheduler)``: the optimizer as DeepSpeed wraps it (the ZeRO
+        optimizer for stages 1/2) and the scheduler, stepped by the engine.
+    """
+    check_ds_config(ds_config)
+    if not dist.is_initialized():
+        init_distributed()
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, schedule_cfg, steps_per_epoch)
+    engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
+        args=SimpleNamespace(device_rank=_device_rank()),
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=copy.deepcopy(ds_config),  # DeepSpeed may fill in defaults
+    )
+    return engine, ds_optimizer, ds_scheduler
+
+
+# --------------------------------------------------------------------------------------------
+# Precision and step bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+def autocast_context(precision: str, device_type: str | torch.device) -> ContextManager:
+    """The autocast the engine applies, for forwards that run OUTSIDE it (the EMA teacher).
+
+    Teacher and student then see the same precision. Do not wrap ``engine(x)`` in it: the
+    engine applies (and overrides) autocast itself.
+
+    Args:
+        precision: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (fp32 -> no autocast).
+        device_type: ``"cuda"`` / ``"cpu"`` or a ``torch.device`` (the data's device).
+    """
+    if isinstance(device_type, torch.device):
+        device_type = device_type.type
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _AUTOCAST_DTYPES:
+        raise ValueError(f"precision must be 'bf16', 'fp16' or 'fp32', got {precision!r}")
+    return torch.autocast(device_type=device_type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+def is_boundary(engine: deepspeed.DeepSpeedEngine) -> bool:
+    """Whether the upcoming ``engine.step()`` is a real optimizer step.
+
+    DeepSpeed 0.19.8 semantics (pinned in ``tests/test_engine.py``): the answer is
+    ``(engine.micro_steps + 1) % grad_accum == 0`` and ``engine.step()`` increments
+    ``micro_steps`` at its very end, so ask BEFORE ``engine.step()`` (after ``backward`` is
+    fine); afterwards it already describes the next micro-batch. After the step,
+    ``engine.global_steps`` has counted it (skipped fp16 steps included) and
+    ``engine.was_step_applied()`` is False between boundaries and for an fp16 step ZeRO 1/2
+    skipped on overflow. (With ZeRO 0 + fp16 the GradScaler skips the step without DeepSpeed
+    noticing: ``was_step_applied()`` stays True and the scheduler still steps.)
+    :func:`engine_step` pairs the query with the step.
+
+    Args:
+        engine: the DeepSpeed engine.
+    """
+    return bool(engine.is_gradient_accumulation_boundary())
+
+
+def engine_step(engine: deepspeed.DeepSpeedEngine) -> bool:
+    """Run ``engine.step()`` and return whether it was an optimizer step (a boundary).
+
+    The trainer updates the EMA teacher exactly when this returns True.
+
+    Args:
+        engine: the DeepSpeed engine.
+    """
+    boundary = is_boundary(engine)
+    engine.step()
+    return boundary

@@ -1,0 +1,211 @@
+"""Shared helpers for engine / distributed tests: launchers, a toy BN model, toy data, configs.
+
+Launch helpers run a worker script under ``torchrun`` or the ``deepspeed`` launcher on a free
+port with ``OMP_NUM_THREADS=1`` (2 cores shared by all ranks), capture the output and raise
+with its tail on failure. Worker scripts import this module too (they put the repo root on
+``sys.path``), so the model, the data and the training loop are the same in every process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKERS = Path(__file__).resolve().parent / "workers"
+_BIN = Path(sys.executable).parent
+
+# Variables a launcher sets for its children. A test process that called init_distributed()
+# has RANK=0 / WORLD_SIZE=1 / LOCAL_RANK=0 in its environment; a child must not inherit them
+# (a plain child would think it was launched, torchrun children get their own values anyway).
+_DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+              "MASTER_ADDR", "MASTER_PORT", "LOCAL_SIZE", "CROSS_RANK", "CROSS_SIZE")
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1 (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a launched job: ours minus launcher variables, one thread per rank."""
+    out = {k: v for k, v in os.environ.items()
+           if k not in _DIST_VARS and not k.startswith("TORCHELASTIC_")}
+    out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), out.get("PYTHONPATH")]))
+    out.update(env or {})
+    return out
+
+
+def run_command(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 300,
+                tail: int = 60) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on failure or timeout raise with the output's tail.
+
+    The job gets its own process group so a timeout can stop the launcher *and* its ranks
+    (by that group's id) instead of leaving orphans behind.
+
+    Args:
+        cmd: the command line.
+        env: extra environment variables (on top of :func:`child_env`).
+        timeout: seconds before the whole job is killed.
+        tail: number of output lines shown in the error.
+    """
+    proc = subprocess.Popen(list(cmd), env=child_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=str(REPO_ROOT))
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise RuntimeError(f"timed out after {timeout}s: {' '.join(cmd)}\n{_tail(out, tail)}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{_tail(out, tail)}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+def _tail(text: str, n: int) -> str:
+    lines = (text or "").splitlines()
+    return "\n".join(["--- last output lines ---", *lines[-n:]])
+
+
+def run_torchrun(script_path: str | Path, nproc: int, args: Sequence[str] = (),
+                 env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``script_path`` on ``nproc`` local ranks with torchrun (static rendezvous, free port).
+
+    Args:
+        script_path: the worker script.
+        nproc: number of ranks.
+        args: arguments for the script.
+        env: extra environment variables.
+        timeout: seconds before the job is killed.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+           "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(script_path), *args]
+    return run_command(cmd, env=env, timeout=timeout)
+
+
+def run_deepspeed(script_path: str | Path, nproc: int, args: Sequence[str] = (),
+                  env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``script_path`` on ``nproc`` local ranks with the ``deepspeed`` launcher.
+
+    On a CPU-only machine the launcher counts one "device" per NUMA node (``LOCAL_SIZE``
+    overrides it), so ``--num_gpus N`` is what asks for N ranks; it exports RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_SIZE, CUDA_VISIBLE_DEVICES=0..N-1 and passes
+    ``--local_rank=<i>`` to the script, which must accept it.
+
+    Args:
+        script_path: the worker script.
+        nproc: number of ranks.
+        args: arguments for the script.
+        env: extra environment variables.
+        timeout: seconds before the job is killed.
+    """
+    launcher = _BIN / "deepspeed"
+    head = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd = [*head, "--num_gpus", str(nproc), "--master_port", str(free_port()),
+           str(script_path), *args]
+    return run_command(cmd, env=env, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# Toy model, data and configs
+# --------------------------------------------------------------------------------------------
+
+
+def toy_model(seed: int = 0) -> nn.Module:
+    """Conv -> BN -> ReLU -> pool -> Linear: small, but with BatchNorm (batch statistics and
+    running buffers) so per-rank batches matter the way they do in a ResNet."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+
+
+def global_batch(step: int, size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of optimizer step ``step``, identical in every process. ``(B,3,8,8)``."""
+    g = torch.Generator().manual_seed(seed * 100_003 + step)
+    x = torch.randn(size, 3, 8, 8, generator=g)
+    y = torch.randint(0, 4, (size,), generator=g)
+    return x, y
+
+
+def micro_batches(step: int, rank: int, world: int, grad_accum: int, global_size: int,
+                  seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``grad_accum`` micro-batches ``rank`` feeds in optimizer step ``step``.
+
+    Slice index ``rank * grad_accum + j``: with 2 ranks and no accumulation rank i gets slice
+    i; with 1 rank and grad_accum 2 accumulation micro-step i gets slice i. Same samples, so
+    BatchNorm batch statistics match between the two set-ups.
+    """
+    x, y = global_batch(step, global_size, seed)
+    micro = global_size // (world * grad_accum)
+    out = []
+    for j in range(grad_accum):
+        i = rank * grad_accum + j
+        out.append((x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]))
+    return out
+
+
+def train_steps(engine, steps: int, rank: int, world: int, grad_accum: int, global_size: int,
+                seed: int = 0) -> list[float]:
+    """Run ``steps`` optimizer steps of the toy task through ``engine``; per-micro-batch losses."""
+    from spnet_dist.engine import engine_step
+
+    losses = []
+    for step in range(steps):
+        for x, y in micro_batches(step, rank, world, grad_accum, global_size, seed):
+            out = engine(x.to(engine.device))
+            loss = F.cross_entropy(out.float(), y.to(engine.device))
+            engine.backward(loss)
+            engine_step(engine)
+            losses.append(loss.item())
+    return losses
+
+
+def make_cfg(**overrides):
+    """A real ``spnet_dist.config.Config`` with toy values; ``section__field=value`` overrides.
+
+    Example: ``make_cfg(engine__zero_stage=2, schedule__milestones=[1, 2])``.
+    """
+    from spnet_dist.config import Config
+
+    cfg = Config()
+    cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay = 0.1, 0.9, 1e-4
+    cfg.schedule.kind, cfg.schedule.epochs, cfg.schedule.milestones = "multistep", 4, [2, 3]
+    cfg.schedule.decay, cfg.schedule.warmup_epochs = 0.1, 0.0
+    cfg.engine.global_batch_size, cfg.engine.grad_accum = 8, 1
+    cfg.engine.zero_stage, cfg.engine.precision, cfg.engine.backend = 2, "fp32", "gloo"
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def ds_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed dict for ``cfg``, written by ``spnet_dist.config`` (never by hand)."""
+    from spnet_dist.config import deepspeed_config
+
+    return deepspeed_config(cfg, world_size)
