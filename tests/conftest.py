@@ -1,0 +1,40 @@
+"""Fixtures shared across the test suite."""
+from pathlib import Path
+
+import pytest
+
+from spnet_dist.config import load_config
+from spnet_dist.data import prepare_digits
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory) -> Path:
+    """scikit-learn's digits as an ImageNet-layout JPEG folder, built once per test session."""
+    return prepare_digits(tmp_path_factory.mktemp("digits"))
+
+
+def tiny_overrides(digits_root: Path, out_dir: Path) -> list[str]:
+    """The demo config shrunk to a few seconds of CPU: 8x8 images, a handful of steps."""
+    return [
+        f"data.root={digits_root}",
+        f"run.out_dir={out_dir}",
+        "data.image_size=8",
+        "engine.global_batch_size=32",
+        "schedule.epochs=1",
+        "schedule.warmup_epochs=0",
+        "run.max_steps=6",
+        "run.log_every=2",
+        "run.progress=log",
+    ]
+
+
+@pytest.fixture
+def tiny_config(digits_root, tmp_path):
+    """A factory: ``tiny_config("loss.beta=0", ...)`` -> validated Config."""
+
+    def make(*overrides: str):
+        return load_config(REPO_ROOT / "configs" / "demo.yaml", tiny_overrides(digits_root, tmp_path / "run") + list(overrides))
+
+    return make
