@@ -19,6 +19,7 @@ the engine, yet every rank must hold a bit-identical teacher.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterable, Sequence
@@ -198,10 +199,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+# DeepSpeed caches process-group handles in these module globals (deepspeed.utils.groups).
+_DEEPSPEED_GROUP_CACHES = ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                           "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP")
+
+
 def destroy() -> None:
-    """Tear the process group down (end of ``main``, between tests). Safe to call twice."""
+    """Tear the process group down (end of ``main``, between tests). Safe to call twice.
+
+    DeepSpeed keeps handles of the groups it derived (a clone of the world group, ...) in
+    module globals; after the world group is gone those handles are dead and the next
+    ``deepspeed.initialize`` in this process fails with "Group ... is not registered".
+    They are forgotten here so a new group gets new derived groups.
+    """
     if _initialized():
         dist.destroy_process_group()
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        for name in _DEEPSPEED_GROUP_CACHES:
+            if hasattr(groups, name):
+                setattr(groups, name, None)
+        for name, value in vars(groups).items():
+            if name.startswith("_") and name.endswith("_GROUP") and isinstance(value, dict):
+                value.clear()
 
 
 # --------------------------------------------------------------------------------------------

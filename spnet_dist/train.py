@@ -65,8 +65,73 @@ def build_model(cfg: Config) -> GatedResNet:
     return model
 
 
+class SPNetStep:
+    """One SP-Net optimisation step on a micro-batch: the engine, the teacher, the criterion.
+
+    Separate from the data and the loop so benchmarks and tests can drive it with any batch.
+
+    Args:
+        cfg: a validated config.
+        model: the student, on ``device``, with the weights every rank starts from.
+        device: where the batch goes.
+        world_size: number of ranks (for the derived DeepSpeed batch sizes).
+        steps_per_epoch: optimizer steps per epoch (for the LR schedule).
+    """
+
+    def __init__(self, cfg: Config, model: GatedResNet, device: torch.device, world_size: int,
+                 steps_per_epoch: int) -> None:
+        self.device = device
+        self.engine, self.optimizer, self.scheduler = build_engine(
+            model, cfg.optim, cfg.schedule, deepspeed_config(cfg, world_size), steps_per_epoch
+        )
+        self.model: GatedResNet = self.engine.module
+        # Built after deepspeed.initialize: the engine broadcasts rank 0's weights, the teacher copies them.
+        self.teacher: Optional[EMATeacher] = (
+            EMATeacher(self.model, cfg.teacher.momentum, cfg.teacher.forward_mode, cfg.teacher.buffers)
+            if cfg.teacher.enabled
+            else None
+        )
+        if self.teacher is not None:
+            # An eval-mode teacher makes hard, deterministic decisions and needs no gradient, so
+            # it can really skip its closed blocks (same outputs as the masked path, tested);
+            # a train-mode teacher runs the masked path like the student.
+            self.teacher.module.set_execution("skip")
+        self.criterion = SPNetCriterion.from_config(cfg.loss, teacher_enabled=cfg.teacher.enabled)
+        self.autocast = autocast_context(cfg.engine.precision, device.type)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+        """Forward, backward and (at an accumulation boundary) the optimizer and teacher steps.
+
+        Returns the detached loss terms and whether an optimizer step happened.
+        """
+        images = images.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        student = self.engine(images)  # DeepSpeed applies its torch_autocast section here
+        teacher = None
+        if self.teacher is not None:
+            with self.autocast:
+                teacher = self.teacher(images)
+        terms = self.criterion(student, targets, teacher)
+        self.engine.backward(terms["total"])
+        stepped = engine_step(self.engine)
+        if stepped:
+            self._after_optimizer_step()
+        return {k: v.detach() for k, v in terms.items()}, stepped
+
+    def _after_optimizer_step(self) -> None:
+        # DeepSpeed syncs parameters, never BN buffers: average them so the student is the
+        # same network on every rank and the teacher (which copies/EMAs them) stays identical.
+        # Running statistics update linearly, so averaging every step equals averaging once.
+        D.average_buffers_(self.model)
+        if self.teacher is not None:
+            self.teacher.update(self.model)
+            if self.teacher.buffers == "ema":
+                # A train-mode teacher forward moved its own BN statistics on local data.
+                D.all_reduce_mean_(self.teacher.teacher_buffers())
+
+
 class Trainer:
-    """Owns the engine, the teacher, the data and the run directory of one training job.
+    """Owns the data, the SP-Net step and the run directory of one training job.
 
     Args:
         cfg: a validated config.
@@ -110,56 +175,19 @@ class Trainer:
             if self.device.type != "cuda":
                 raise ValueError("model.sync_bn: SyncBatchNorm needs CUDA devices; set it to false on CPU")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model.to(self.device)
-        self.engine, self.optimizer, self.scheduler = build_engine(
-            model, cfg.optim, cfg.schedule, deepspeed_config(cfg, self.dist.world_size), self.steps_per_epoch
-        )
-        self.model: GatedResNet = self.engine.module
-        # Built after deepspeed.initialize: the engine broadcasts rank 0's weights, the teacher copies them.
-        self.teacher: Optional[EMATeacher] = (
-            EMATeacher(self.model, cfg.teacher.momentum, cfg.teacher.forward_mode, cfg.teacher.buffers)
-            if cfg.teacher.enabled
-            else None
-        )
-        self.criterion = SPNetCriterion.from_config(cfg.loss, teacher_enabled=cfg.teacher.enabled)
-        self.autocast = autocast_context(cfg.engine.precision, self.device.type)
+        self.step_fn = SPNetStep(cfg, model.to(self.device), self.device, self.dist.world_size, self.steps_per_epoch)
+        self.model = self.step_fn.model
+        self.engine, self.teacher, self.scheduler = self.step_fn.engine, self.step_fn.teacher, self.step_fn.scheduler
         size = cfg.data.image_size
         self.mac_profile = profile_macs(self.model, (size, size))
         # Gumbel noise and dropout differ per rank (different samples anyway), reproducibly.
         seed_everything(cfg.run.seed + 1000 * (self.dist.rank + 1))
         self.state = TrainState()
 
-    # ------------------------------------------------------------------ one micro-batch
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
-        """Forward, backward and (at an accumulation boundary) the optimizer and teacher steps.
-
-        Returns the detached loss terms and whether an optimizer step happened.
-        """
-        images = images.to(self.device, non_blocking=True)
-        targets = targets.to(self.device, non_blocking=True)
-        student = self.engine(images)  # DeepSpeed applies its torch_autocast section here
-        teacher = None
-        if self.teacher is not None:
-            with self.autocast:
-                teacher = self.teacher(images)
-        terms = self.criterion(student, targets, teacher)
-        self.engine.backward(terms["total"])
-        boundary = engine_step(self.engine)
-        if boundary:
-            self._after_optimizer_step()
-        return {k: v.detach() for k, v in terms.items()}, boundary
-
-    def _after_optimizer_step(self) -> None:
-        self.state.step += 1
-        # DeepSpeed syncs parameters, never BN buffers: average them so the student is the
-        # same network on every rank and the teacher (which copies/EMAs them) stays identical.
-        # Running statistics update linearly, so averaging every step equals averaging once.
-        D.average_buffers_(self.model)
-        if self.teacher is not None:
-            self.teacher.update(self.model)
-            if self.teacher.buffers == "ema":
-                # A train-mode teacher forward moved its own BN statistics on local data.
-                D.all_reduce_mean_(self.teacher.teacher_buffers())
+        terms, stepped = self.step_fn(images, targets)
+        self.state.step += stepped
+        return terms, stepped
 
     # ------------------------------------------------------------------ loops
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -202,7 +230,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         D.average_buffers_(self.model)
-        return evaluate(self.model, self.val_loader, self.mac_profile, self.device, self.autocast)
+        return evaluate(self.model, self.val_loader, self.mac_profile, self.device, self.step_fn.autocast)
 
     def fit(self) -> dict[str, Any]:
         """Train for ``schedule.epochs`` (or ``run.max_steps``) and return the last evaluation."""

@@ -38,3 +38,20 @@ def tiny_config(digits_root, tmp_path):
         return load_config(REPO_ROOT / "configs" / "demo.yaml", tiny_overrides(digits_root, tmp_path / "run") + list(overrides))
 
     return make
+
+
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture
+def own_process_group(monkeypatch):
+    """Run a test as a plain process would (no launcher variables) and tear down the 1-rank
+    group it creates, so tests that need 'no group yet' still get one state to start from."""
+    from spnet_dist import distributed as D
+
+    D.destroy()
+    for var in LAUNCH_VARS:  # setenv first so the undo also removes what init_distributed adds
+        monkeypatch.setenv(var, "0")
+        monkeypatch.delenv(var)
+    yield
+    D.destroy()

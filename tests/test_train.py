@@ -13,6 +13,8 @@ from spnet_dist.flops import profile_macs
 
 from .conftest import REPO_ROOT, tiny_overrides
 
+pytestmark = pytest.mark.usefixtures("own_process_group")
+
 
 def test_cli_runs_and_writes_the_run_directory(digits_root, tmp_path, capsys):
     out_dir = tmp_path / "run"
