@@ -153,7 +153,10 @@ def test_deepspeed_precision_uses_torch_autocast_only(precision: str, enabled: b
     cfg.engine.precision = precision
     ds = deepspeed_config(cfg, 1)
     assert "bf16" not in ds and "fp16" not in ds  # they cast parameters and break BatchNorm
-    assert ds["torch_autocast"] == {"enabled": enabled, "dtype": dtype}
+    # grad_reduce=fp32 (default): no module class gets a lower-precision gradient reduction
+    assert ds["torch_autocast"] == {"enabled": enabled, "dtype": dtype, "lower_precision_safe_modules": []}
+    cfg.engine.grad_reduce = "autocast"
+    assert deepspeed_config(cfg, 1)["torch_autocast"] == {"enabled": enabled, "dtype": dtype}
 
 
 def test_deepspeed_zero_and_clipping():

@@ -279,3 +279,14 @@ def test_fp16_runs_with_a_grad_scaler(stage):
     assert all(math.isfinite(v) for v in losses)
     assert engine.global_steps == 3
     assert {p.dtype for p in engine.module.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("grad_reduce, reduced_in_bf16", [("fp32", False), ("autocast", True)])
+def test_grad_reduce_dtype_under_bf16_autocast(grad_reduce, reduced_in_bf16):
+    """DeepSpeed marks the parameters whose gradients ZeRO reduces in the autocast dtype."""
+    from deepspeed.runtime.torch_autocast import has_comm_dtype
+
+    engine, *_ = make_engine(engine__precision="bf16", engine__grad_reduce=grad_reduce)
+    convs = [p for m in engine.module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+             for p in m.parameters(recurse=False)]
+    assert convs and all(has_comm_dtype(p) == reduced_in_bf16 for p in convs)
