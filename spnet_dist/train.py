@@ -143,6 +143,14 @@ class Trainer:
         self.dist = D.init_distributed(cfg.engine.backend)
         self.device = self.dist.device
         out_dir = Path(cfg.run.out_dir)
+        # Never mix two runs in one directory: every rank looks before rank 0 writes anything.
+        previous = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).exists()]
+        D.barrier()
+        if previous:
+            raise FileExistsError(
+                f"run.out_dir: {out_dir} already holds a run ({', '.join(previous)}); "
+                "choose another run.out_dir or remove that directory"
+            )
         if self.dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out_dir / "config.yaml")

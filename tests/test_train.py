@@ -1,6 +1,7 @@
 """spnet-train end to end in one process: the real entry point on the real digits data."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +84,13 @@ def test_bad_config_fails_before_anything_is_created(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "engine.zero_stage" in err
     assert not out_dir.exists()
+
+
+def test_an_existing_run_directory_is_never_overwritten(tiny_config):
+    cfg = tiny_config("run.max_steps=2")
+    train.main(cfg)
+    out_dir = Path(cfg.run.out_dir)
+    before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError, match="run.out_dir"):
+        train.main(cfg)
+    assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
