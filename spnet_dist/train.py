@@ -281,7 +281,10 @@ def main(cfg: Config) -> dict[str, Any]:
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv, description="Train an SP-Net dynamic-inference ResNet (DeepSpeed, CPU or GPU).")
-    main(cfg)
+    try:
+        main(cfg)
+    finally:
+        D.destroy()  # an orderly shutdown of the process group (NCCL warns otherwise)
 
 
 if __name__ == "__main__":
