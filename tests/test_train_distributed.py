@@ -27,10 +27,16 @@ def _job(digits_root, out_dir, *overrides):
     return ["--config", DEMO, "--out", str(out_dir), *tiny_overrides(digits_root, out_dir / "run"), *overrides]
 
 
-def test_two_ranks_zero2_teacher_bit_identical_and_eval_matches_one_rank(digits_root, tmp_path):
+@pytest.mark.parametrize(
+    "teacher",
+    [("teacher.forward_mode=eval", "teacher.buffers=copy"),  # the paper's teacher (default)
+     ("teacher.forward_mode=train", "teacher.buffers=ema")],  # official code: BN stats drift per rank
+    ids=["eval-copy", "train-ema"],
+)
+def test_two_ranks_zero2_teacher_bit_identical_and_eval_matches_one_rank(digits_root, tmp_path, teacher):
     out = tmp_path / "job"
     run_torchrun(WORKERS / "spnet_job.py", 2,
-                 ["fit", *_job(digits_root, out, "engine.zero_stage=2", "run.max_steps=20", "loss.evo_strategy=stages")],
+                 ["fit", *_job(digits_root, out, "engine.zero_stage=2", "run.max_steps=20", *teacher)],
                  timeout=600)
     t0, t1 = load_file(str(out / "teacher_rank0.safetensors")), load_file(str(out / "teacher_rank1.safetensors"))
     assert t0.keys() == t1.keys()
