@@ -237,7 +237,7 @@ class Trainer:
         return self.cfg.run.max_steps is not None and self.state.step >= self.cfg.run.max_steps
 
     def evaluate(self) -> dict[str, Any]:
-        D.average_buffers_(self.model)
+        # BN buffers are already identical across ranks: averaged after every optimizer step.
         return evaluate(self.model, self.val_loader, self.mac_profile, self.device, self.step_fn.autocast)
 
     def fit(self) -> dict[str, Any]:
