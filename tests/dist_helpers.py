@@ -103,8 +103,10 @@ def run_torchrun(script_path: str | Path, nproc: int, args: Sequence[str] = (),
 
 
 def run_deepspeed(script_path: str | Path, nproc: int, args: Sequence[str] = (),
-                  env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run ``script_path`` on ``nproc`` local ranks with the ``deepspeed`` launcher.
+                  env: dict[str, str] | None = None, timeout: float = 300,
+                  module: bool = False) -> subprocess.CompletedProcess:
+    """Run ``script_path`` (or, with ``module=True``, a module as ``python -m`` would) on
+    ``nproc`` local ranks with the ``deepspeed`` launcher.
 
     On a CPU-only machine the launcher counts one "device" per NUMA node (``LOCAL_SIZE``
     overrides it), so ``--num_gpus N`` is what asks for N ranks; it exports RANK, LOCAL_RANK,
@@ -117,11 +119,12 @@ def run_deepspeed(script_path: str | Path, nproc: int, args: Sequence[str] = (),
         args: arguments for the script.
         env: extra environment variables.
         timeout: seconds before the job is killed.
+        module: ``script_path`` is a module name (the launcher's ``--module``).
     """
     launcher = _BIN / "deepspeed"
     head = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
     cmd = [*head, "--num_gpus", str(nproc), "--master_port", str(free_port()),
-           str(script_path), *args]
+           *(["--module"] if module else []), str(script_path), *args]
     return run_command(cmd, env=env, timeout=timeout)
 
 

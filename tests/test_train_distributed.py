@@ -1,7 +1,5 @@
 """spnet-train on 2 CPU ranks (gloo, ZeRO-2) under torchrun and the deepspeed launcher."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,12 +12,11 @@ from spnet_dist.flops import profile_macs
 from spnet_dist.config import load_config
 
 from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import WORKERS, free_port, run_command, run_torchrun
+from .dist_helpers import WORKERS, run_deepspeed, run_torchrun
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"  # the launcher installed with the package
 
 
 def _job(digits_root, out_dir, *overrides):
@@ -83,8 +80,7 @@ def test_gradient_averaging_two_ranks_equals_accumulation_on_one(digits_root, tm
 
 def test_deepspeed_launcher_runs_the_real_entry_point(digits_root, tmp_path):
     out = tmp_path / "ds"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "spnet_dist.train",
-           "--config", DEMO, *tiny_overrides(digits_root, out), "engine.zero_stage=2", "run.max_steps=4"]
-    run_command(cmd, timeout=600)
+    run_deepspeed("spnet_dist.train", 2, ["--config", DEMO, *tiny_overrides(digits_root, out),
+                                          "engine.zero_stage=2", "run.max_steps=4"], timeout=600, module=True)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 4 and record["images"] == 360
