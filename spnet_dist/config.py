@@ -640,7 +640,7 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict:
     """The DeepSpeed config dict derived from ``cfg`` (the only place it is written).
 
     Mixed precision goes through ``torch_autocast`` only: DeepSpeed's own ``bf16``/``fp16``
-    sections cast module parameters and break BatchNorm (see shared/notes/library-facts.md).
+    sections cast module parameters and break BatchNorm (see docs/library-facts.md).
 
     Args:
         cfg: the run config.

@@ -12,7 +12,7 @@ Every other helper works without an initialised group (it then behaves as a worl
 library code can call them unconditionally. The only global state is torch.distributed's own.
 
 The collectives here exist because DeepSpeed only keeps *parameters* in sync: BatchNorm buffers
-drift apart across ranks (measured, see ``library-facts.md``) and the EMA teacher lives outside
+drift apart across ranks (measured, see ``docs/library-facts.md``) and the EMA teacher lives outside
 the engine, yet every rank must hold a bit-identical teacher.
 """
 
