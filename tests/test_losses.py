@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from spnet_dist.losses import (
+    LOGITS_FORMS,
+    PATH_FORMS,
     SPNetCriterion,
     classification_loss,
     code_logits_weights,
@@ -128,6 +130,29 @@ def test_path_loss_gradient_pushes_student_toward_teacher_and_not_into_teacher()
     assert t.gate_probs.grad is None
 
 
+def test_path_loss_code_gradient_pushes_student_logits_toward_teacher():
+    s, t = make_output(0, requires_grad=True), make_output(1, requires_grad=True)
+    path_loss(s, t, "code").backward()
+    # d/dg_d of 0.1·mean((g_d − g_t)²) over B·N·2 elements = 0.2·(g_d − g_t)/(B·N·2).
+    gap = (s.gate_logits - t.gate_logits).detach()
+    torch.testing.assert_close(s.gate_logits.grad, 0.2 * gap / (B * N * 2), **EXACT)
+
+
+def teacher_leaves(out: SPNetOutput) -> list[torch.Tensor]:
+    return [out.gate_probs, out.gate_logits, *out.stage_logits, *out.stage_features]
+
+
+@pytest.mark.parametrize("form", PATH_FORMS)
+def test_path_loss_teacher_gets_no_gradient(form):
+    s, t = make_output(0, requires_grad=True), make_output(1, requires_grad=True)
+    loss = path_loss(s, t, form)
+    assert loss.item() > 0
+    loss.backward()
+    student_input = s.gate_probs if form == "paper" else s.gate_logits
+    assert student_input.grad is not None and student_input.grad.abs().sum() > 0
+    assert all(x.grad is None for x in teacher_leaves(t)), form
+
+
 def test_path_loss_shape_mismatch_raises():
     s = make_output(0)
     t = clone_output(s)
@@ -183,12 +208,12 @@ def test_logits_loss_code_rejects_more_than_four_heads():
         logits_loss(s, t, "code")
 
 
-def test_logits_loss_teacher_gets_no_gradient():
+@pytest.mark.parametrize("form", LOGITS_FORMS)
+def test_logits_loss_teacher_gets_no_gradient(form):
     s, t = make_output(0, requires_grad=True), make_output(1, requires_grad=True)
-    for form in ("paper", "code"):
-        logits_loss(s, t, form).backward()
+    logits_loss(s, t, form).backward()
     assert all(y.grad is not None and y.grad.abs().sum() > 0 for y in s.stage_logits)
-    assert all(y.grad is None for y in t.stage_logits)
+    assert all(x.grad is None for x in teacher_leaves(t)), form
 
 
 def test_logits_loss_head_count_mismatch_raises():
@@ -355,12 +380,18 @@ def test_criterion_teacher_enabled_but_missing_raises():
         SPNetCriterion()(make_output(), TARGET, None)
 
 
-def test_criterion_teacher_receives_no_gradient():
+@pytest.mark.parametrize("path_form", PATH_FORMS)
+@pytest.mark.parametrize("logits_form", LOGITS_FORMS)
+def test_criterion_teacher_receives_no_gradient(path_form, logits_form):
     s, t = make_output(0, requires_grad=True), make_output(1, requires_grad=True)
-    SPNetCriterion(cost_weight=1.0, target_rate=0.5)(s, TARGET, t)["total"].backward()
+    crit = SPNetCriterion(cost_weight=1.0, target_rate=0.5, path_form=path_form, logits_form=logits_form)
+    terms = crit(s, TARGET, t)
+    assert terms["path"].item() > 0 and terms["logits"].item() > 0
+    terms["total"].backward()
     assert s.gate_probs.grad is not None and s.stage_features[0].grad is not None
-    teacher_leaves = [t.gate_probs, t.gate_logits, *t.stage_logits, *t.stage_features]
-    assert all(x.grad is None for x in teacher_leaves)
+    if path_form == "code":
+        assert s.gate_logits.grad is not None and s.gate_logits.grad.abs().sum() > 0
+    assert all(x.grad is None for x in teacher_leaves(t)), (path_form, logits_form)
 
 
 def test_criterion_computes_in_fp32_under_bf16_inputs():
