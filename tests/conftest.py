@@ -1,7 +1,16 @@
 """Fixtures shared across the test suite."""
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+# DeepSpeed JIT-compiles its CPU shared-memory communication op on the first initialize() and
+# caches it under ~/.cache/torch_extensions, keyed by name only. Virtual environments at other
+# paths write different build files there, so on a machine shared by several checkouts each
+# one's first engine rebuilds the op (1-3 minutes on 2 busy cores, measured) whenever another
+# checkout built last. One cache per environment (inherited by launched ranks) builds it once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 from spnet_dist.config import load_config
 from spnet_dist.data import prepare_digits

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -212,3 +213,85 @@ def ds_config(cfg, world_size: int) -> dict:
     from spnet_dist.config import deepspeed_config
 
     return deepspeed_config(cfg, world_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: a tiny problem and its expected result computed by hand
+# --------------------------------------------------------------------------------------------
+
+
+def eval_problem(num_images: int = 7, seed: int = 0):
+    """A gated ResNet-20 in eval mode, ``num_images`` random 8x8 images and labels, the same in
+    every process.
+
+    The routers' last-layer biases are zeroed, so each block executes for roughly half of the
+    images (rates strictly between 0 and 1, unlike the initial bias that opens nearly all).
+    The labels are the final head's predictions on even indices and a wrong class on odd
+    ones: top-1 is exactly ceil(n/2)/n, and on 2 ranks (strided shards) rank 0 scores 100 %
+    and rank 1 scores 0 %, so a mean of per-rank accuracies (50 %) differs from the true ratio.
+
+    Returns:
+        (model, images (n, 3, 8, 8), targets (n,)).
+    """
+    from spnet_dist.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model("spnet_cifar_resnet20", num_classes=10).eval()
+    with torch.no_grad():
+        for block in model.gated_blocks():
+            block.router.fc2.bias.zero_()
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(num_images, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        predicted = model(images).logits.argmax(dim=1)
+    even = torch.arange(num_images) % 2 == 0
+    targets = torch.where(even, predicted, (predicted + 1) % 10)
+    return model, images, targets
+
+
+@torch.no_grad()
+def hand_evaluation(model, images: torch.Tensor, targets: torch.Tensor, profile) -> dict:
+    """What ``spnet_dist.evaluate.evaluate`` must report, computed another way: one eval-mode
+    forward of the whole set on the masked path, top-1 from the final head's logits, execution
+    rates from the hard gate decisions, MACs summed per image from the profile's parts.
+
+    Args:
+        model: a GatedResNet (its mode is restored).
+        images: (n, 3, H, W) every image of the set.
+        targets: (n,) labels.
+        profile: the model's ``MacProfile``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(images)
+    finally:
+        model.train(was_training)
+    n = len(targets)
+    decisions = out.gate_decisions.double()  # (n, N), 0 or 1
+    assert set(decisions.unique().tolist()) <= {0.0, 1.0}
+    per_image = [profile.fixed + sum(r for r, d in zip(profile.residual, row) if d == 1.0)
+                 for row in decisions.tolist()]
+    static = profile.fixed + sum(profile.residual)
+    rates = [float(x) for x in decisions.sum(dim=0) / n]
+    macs = sum(per_image) / n
+    return {
+        "top1": 100.0 * int((out.logits.argmax(dim=1) == targets).sum()) / n,
+        "gmacs": macs / 1e9,
+        "static_gmacs": static / 1e9,
+        "mac_ratio": macs / static,
+        "exec_rates": rates,
+        "exec_rate": sum(rates) / len(rates),
+        "images": n,
+    }
+
+
+def assert_evaluation_matches(record: dict, expected: dict) -> None:
+    """``record`` (from ``evaluate``) equals ``expected`` (from :func:`hand_evaluation`) up to
+    float rounding of the MAC sums; counts and top-1 exactly."""
+    assert record["images"] == expected["images"]
+    for key, rel in (("top1", 1e-12), ("exec_rates", 1e-12), ("gmacs", 1e-9), ("static_gmacs", 1e-9),
+                     ("mac_ratio", 1e-9), ("exec_rate", 1e-9)):
+        assert record[key] == pytest.approx(expected[key], rel=rel), \
+            f"{key}: evaluate() gave {record[key]}, by hand {expected[key]}"
+    assert record["gmacs_paper"] == pytest.approx(2 * expected["gmacs"], rel=1e-9)

@@ -1,4 +1,5 @@
 """The full SP-Net objective on a tiny CIFAR ResNet, in plain PyTorch (no DeepSpeed)."""
+import pytest
 import torch
 
 from spnet_dist.losses import SPNetCriterion
@@ -39,6 +40,7 @@ def test_one_step_all_terms_finite_and_teacher_has_no_grad():
     assert all(p.grad is None and not p.requires_grad for p in teacher.module.parameters())
 
 
+@pytest.mark.slow  # 50 full SP-Net steps of ResNet-20 at 32x32
 def test_fifty_steps_on_a_fixed_batch_overfit():
     model, teacher, criterion, optimizer, images, targets = _setup()
     first = _step(model, teacher, criterion, optimizer, images, targets)["total"].item()

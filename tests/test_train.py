@@ -9,10 +9,11 @@ import torch
 from spnet_dist import train
 from spnet_dist.config import load_config
 from spnet_dist.data import build_eval_loader
-from spnet_dist.evaluate import evaluate
 from spnet_dist.flops import profile_macs
+from spnet_dist.losses import logits_loss, path_loss
 
 from .conftest import REPO_ROOT, tiny_overrides
+from .dist_helpers import assert_evaluation_matches, hand_evaluation
 
 pytestmark = pytest.mark.usefixtures("own_process_group")
 
@@ -49,16 +50,118 @@ def test_trainer_updates_teacher_once_per_optimizer_step(tiny_config):
     assert trainer.engine.global_steps == 3
 
 
-def test_eval_record_matches_a_fresh_evaluation_of_the_weights(tiny_config):
+def test_eval_record_matches_a_hand_evaluation_of_the_weights(tiny_config):
     cfg = tiny_config()
     trainer = train.Trainer(cfg)
     record = trainer.fit()
     model = train.build_model(cfg)
     model.load_state_dict(trainer.model.state_dict())
     _, val_set = train.build_datasets(cfg.data)
-    again = evaluate(model, build_eval_loader(val_set, 100), profile_macs(model, (8, 8)), torch.device("cpu"))
-    for key in ("top1", "gmacs", "exec_rates", "images"):
-        assert again[key] == record[key], key
+    images, targets = (torch.cat(parts) for parts in zip(*build_eval_loader(val_set, 1000)))
+    assert len(targets) == 360
+    assert_evaluation_matches(record, hand_evaluation(model, images, targets, profile_macs(model, (8, 8))))
+
+
+# --------------------------------------------------------------------------------------------
+# Wiring of SPNetStep: the teacher comes from teacher.*, the criterion sees the teacher's output,
+# BN buffers are averaged before the teacher update, once per optimizer step.
+# --------------------------------------------------------------------------------------------
+
+
+def test_teacher_is_built_from_the_teacher_section(tiny_config, tmp_path):
+    # Every value differs from what a mix-up would give: optim.momentum is 0.9, the defaults
+    # are forward_mode=eval and buffers=copy.
+    cfg = tiny_config("teacher.momentum=0.37", "teacher.forward_mode=train", "teacher.buffers=ema",
+                      "optim.momentum=0.8")
+    teacher = train.Trainer(cfg).teacher
+    assert teacher.momentum == 0.37
+    assert teacher.forward_mode == "train" and teacher.buffers == "ema"
+    cfg = tiny_config("teacher.momentum=0.55", f"run.out_dir={tmp_path / 'second'}")
+    teacher = train.Trainer(cfg).teacher
+    assert (teacher.momentum, teacher.forward_mode, teacher.buffers) == (0.55, "eval", "copy")
+
+
+def test_step_hands_the_criterion_the_teachers_output(tiny_config):
+    # Deterministic student (no Gumbel noise, no router dropout, fp32) and the default
+    # eval-mode teacher, so both outputs can be computed again outside the step.
+    cfg = tiny_config("model.gumbel_noise=false", "model.router_dropout=0.0", "engine.precision=fp32")
+    trainer = train.Trainer(cfg)
+    step = trainer.step_fn
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # the teacher drifts away from the student, as after some training
+        for p in step.teacher.module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    images, targets = next(iter(trainer.train_loader))
+    step.model.train()
+    with torch.no_grad():
+        student_out = step.model(images)  # train-mode BN uses batch statistics: same output again
+        teacher_out = step.teacher(images)
+    expected_path = path_loss(student_out, teacher_out, cfg.loss.path_form)
+    expected_logits = logits_loss(student_out, teacher_out, cfg.loss.logits_form)
+    assert expected_path.item() > 1e-3 and expected_logits.item() > 1e-3  # the teacher really differs
+
+    terms, stepped = trainer.train_step(images, targets)
+    assert stepped
+    torch.testing.assert_close(terms["path"], expected_path, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["logits"], expected_logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("forward_mode, buffers", [("eval", "copy"), ("train", "ema")])
+def test_buffers_averaged_then_teacher_updated_once_per_optimizer_step(tiny_config, monkeypatch,
+                                                                       forward_mode, buffers):
+    cfg = tiny_config("engine.grad_accum=2", f"teacher.forward_mode={forward_mode}",
+                      f"teacher.buffers={buffers}")
+    trainer = train.Trainer(cfg)
+    step = trainer.step_fn
+    events: list[str] = []
+    real_after, real_update = step._after_optimizer_step, step.teacher.update
+    real_average, real_reduce = train.D.average_buffers_, train.D.all_reduce_mean_
+
+    def after_optimizer_step():
+        events.append("after_optimizer_step")
+        real_after()
+
+    def average_buffers_(module):
+        averages_the_student = module is step.model  # (a bare assert would print both models)
+        assert averages_the_student, "the student's buffers must be averaged, not another module's"
+        events.append("average_student_buffers")
+        real_average(module)
+        # Stand in for the other ranks: the average moves the statistics. Under the copy rule
+        # the teacher must end up with exactly these values, which it only can if it is
+        # updated after the average.
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if b.is_floating_point():
+                    b.fill_(float(events.count("average_student_buffers")))
+
+    def update(student):
+        events.append("teacher_update")
+        real_update(student)
+
+    def all_reduce_mean_(tensors):
+        tensors = list(tensors)
+        teacher_bufs = step.teacher.teacher_buffers()
+        if len(tensors) == len(teacher_bufs) and all(a is b for a, b in zip(tensors, teacher_bufs)):
+            events.append("average_teacher_buffers")
+        real_reduce(tensors)
+
+    monkeypatch.setattr(step, "_after_optimizer_step", after_optimizer_step)
+    monkeypatch.setattr(step.teacher, "update", update)
+    monkeypatch.setattr(train.D, "average_buffers_", average_buffers_)
+    monkeypatch.setattr(train.D, "all_reduce_mean_", all_reduce_mean_)
+
+    batches = iter(trainer.train_loader)
+    stepped = [trainer.train_step(*next(batches))[1] for _ in range(4)]
+    assert stepped == [False, True, False, True]  # grad_accum 2: 4 micro-batches, 2 optimizer steps
+    per_step = ["after_optimizer_step", "average_student_buffers", "teacher_update"]
+    if buffers == "ema":  # a train-mode teacher's own BN statistics drift per rank: averaged too
+        per_step.append("average_teacher_buffers")
+    assert events == per_step * 2
+    assert step.teacher.num_updates == 2 and trainer.engine.global_steps == 2
+    if buffers == "copy":
+        for name, b in step.teacher.module.named_buffers():
+            if b.is_floating_point():
+                assert torch.equal(b, torch.full_like(b, 2.0)), f"teacher {name} missed the averaged buffers"
 
 
 def test_baseline_config_trains_without_teacher(tiny_config):
