@@ -103,6 +103,61 @@ def run_torchrun(script_path: str | Path, nproc: int, args: Sequence[str] = (),
     return run_command(cmd, env=env, timeout=timeout)
 
 
+def run_torchrun_nodes(script_path: str | Path, nnodes: int, args: Sequence[str] = (),
+                       env: dict[str, str] | None = None, timeout: float = 300) -> list[str]:
+    """Run ``script_path`` as a job of ``nnodes`` "nodes" with one rank each, all on this machine.
+
+    One torchrun agent per node (``--node-rank i``), all meeting at one master on 127.0.0.1:
+    every rank has LOCAL_RANK 0 but its own RANK, as on a real multi-node job. The only way
+    to tell a local rank from a global one without a second machine.
+
+    Args:
+        script_path: the worker script.
+        nnodes: number of agents (= ranks).
+        args: arguments for the script.
+        env: extra environment variables.
+        timeout: seconds before every agent (and its rank) is killed.
+
+    Returns:
+        Each node's output, node 0 first. Raises with their tails if any node fails.
+    """
+    import tempfile
+    import time
+
+    port = str(free_port())
+    nodes = []
+    for node in range(nnodes):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
+               "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", "127.0.0.1",
+               "--master-port", port, str(script_path), *args]
+        log = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: no node blocks on a full pipe
+        proc = subprocess.Popen(cmd, env=child_env(env), stdout=log, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True, cwd=str(REPO_ROOT))
+        nodes.append((proc, log))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for proc, _ in nodes:
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            break
+    outputs = []
+    for proc, log in nodes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.seek(0)
+        outputs.append(log.read())
+        log.close()
+    failed = [i for i, (proc, _) in enumerate(nodes) if proc.returncode != 0]
+    if timed_out or failed:
+        what = f"timed out after {timeout}s" if timed_out else f"node(s) {failed} failed"
+        tails = "\n".join(f"=== node {i} ===\n{_tail(out, 40)}" for i, out in enumerate(outputs))
+        raise RuntimeError(f"{what}: {script_path} on {nnodes} nodes\n{tails}")
+    return outputs
+
+
 def run_deepspeed(script_path: str | Path, nproc: int, args: Sequence[str] = (),
                   env: dict[str, str] | None = None, timeout: float = 300,
                   module: bool = False) -> subprocess.CompletedProcess:

@@ -11,7 +11,8 @@ from spnet_dist.flops import profile_macs
 from spnet_dist.config import load_config
 
 from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import WORKERS, assert_evaluation_matches, hand_evaluation, run_deepspeed, run_torchrun
+from .dist_helpers import (WORKERS, assert_evaluation_matches, hand_evaluation, run_deepspeed, run_torchrun,
+                           run_torchrun_nodes)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -81,3 +82,23 @@ def test_deepspeed_launcher_runs_the_real_entry_point(digits_root, tmp_path):
                                           "engine.zero_stage=2", "run.max_steps=4"], timeout=600, module=True)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 4 and record["images"] == 360
+
+
+def test_two_nodes_shard_data_by_global_rank(digits_root, tmp_path):
+    # Two torchrun agents ("nodes") of one rank each: both ranks have LOCAL_RANK 0, so a trainer
+    # that sharded by local rank would hand both the same samples.
+    out = tmp_path / "nodes"
+    run_torchrun_nodes(WORKERS / "spnet_job.py", 2, ["shards", *_job(digits_root, out, "engine.zero_stage=2")])
+    ranks = json.loads((out / "shards.json").read_text())
+    assert [(r["rank"], r["local_rank"], r["env_local_rank"]) for r in ranks] == [(0, 0, 0), (1, 0, 0)]
+    train_size, val_size = ranks[0]["train_size"], ranks[0]["val_size"]
+    assert (train_size, val_size) == (1437, 360)
+    train0, train1 = (set(r["train"]) for r in ranks)
+    # One epoch: each rank's shard is 1437 // 2 = 718 samples, read in whole micro-batches of
+    # 32 / 2 = 16 (the last partial batch dropped): 44 x 16 = 704 distinct samples, none twice.
+    per_rank = (train_size // 2) // 16 * 16
+    assert len(ranks[0]["train"]) == len(train0) == per_rank and len(ranks[1]["train"]) == len(train1) == per_rank
+    assert not train0 & train1, f"{len(train0 & train1)} training samples read by both ranks"
+    val0, val1 = (r["val"] for r in ranks)
+    assert not set(val0) & set(val1)
+    assert sorted(val0 + val1) == list(range(val_size))  # every validation image exactly once

@@ -5,9 +5,13 @@ Modes:
         state dicts and the final evaluation record.
   grad  one optimizer step on an explicit global batch: rank r feeds micro-batch r; a single
         rank with grad_accum=k feeds micro-batches 0..k-1 in order. Saves the student.
+  shards  build the Trainer on datasets that record which samples are read, run one epoch of
+        its train loader and one pass of its eval loader; rank 0 writes every rank's
+        (rank, local rank) and the indices it read to shards.json.
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
 
+from spnet_dist import train as train_module  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
 from spnet_dist.train import Trainer  # noqa: E402
 
@@ -24,9 +30,55 @@ def _save(state: dict, path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
 
 
+class RecordingDataset(Dataset):
+    """Passes samples through and remembers which indices were read (num_workers=0 only)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.read: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        self.read.append(int(index))
+        return self.dataset[index]
+
+    def __getattr__(self, name: str):  # classes, targets, ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def record_shards(cfg, out: Path) -> None:
+    assert cfg.data.num_workers == 0, "the recording dataset only sees reads in this process"
+    recorded = []
+    build_datasets = train_module.build_datasets
+
+    def build_recording_datasets(data_cfg):
+        datasets = tuple(RecordingDataset(d) for d in build_datasets(data_cfg))
+        recorded.extend(datasets)
+        return datasets
+
+    train_module.build_datasets = build_recording_datasets  # what the Trainer calls
+    trainer = Trainer(cfg)
+    train_set, val_set = recorded
+    for _ in trainer.train_loader:  # one epoch
+        pass
+    for _ in trainer.val_loader:
+        pass
+    mine = {"rank": trainer.dist.rank, "local_rank": trainer.dist.local_rank,
+            "env_local_rank": int(os.environ["LOCAL_RANK"]), "train": train_set.read, "val": val_set.read,
+            "train_size": len(train_set), "val_size": len(val_set)}
+    everyone = [None] * trainer.dist.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    if trainer.dist.rank == 0:
+        (out / "shards.json").write_text(json.dumps(everyone))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=("fit", "grad"))
+    p.add_argument("mode", choices=("fit", "grad", "shards"))
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None)  # deepspeed launcher
@@ -34,6 +86,9 @@ def main() -> None:
     a = p.parse_intermixed_args()
     out = Path(a.out)
     cfg = load_config(a.config, a.overrides)
+    if a.mode == "shards":
+        record_shards(cfg, out)
+        return
     trainer = Trainer(cfg)
     rank, world = trainer.dist.rank, trainer.dist.world_size
     if a.mode == "fit":
