@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -121,9 +123,6 @@ def run_torchrun_nodes(script_path: str | Path, nnodes: int, args: Sequence[str]
     Returns:
         Each node's output, node 0 first. Raises with their tails if any node fails.
     """
-    import tempfile
-    import time
-
     port = str(free_port())
     nodes = []
     for node in range(nnodes):
@@ -134,23 +133,27 @@ def run_torchrun_nodes(script_path: str | Path, nnodes: int, args: Sequence[str]
         proc = subprocess.Popen(cmd, env=child_env(env), stdout=log, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True, cwd=str(REPO_ROOT))
         nodes.append((proc, log))
+    # Stop waiting as soon as one node fails: the others would block in a collective until the timeout.
     deadline = time.monotonic() + timeout
-    timed_out = False
-    for proc, _ in nodes:
-        try:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
+    while True:
+        codes = [proc.poll() for proc, _ in nodes]
+        if all(c is not None for c in codes) or any(c not in (None, 0) for c in codes):
+            timed_out = False
+            break
+        if time.monotonic() > deadline:
             timed_out = True
             break
-    outputs = []
-    for proc, log in nodes:
-        if proc.poll() is None:
+        time.sleep(0.2)
+    outputs, failed = [], []
+    for i, (proc, log) in enumerate(nodes):
+        if proc.poll() is None:  # stopped by us: another node failed or time ran out
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        elif proc.returncode != 0:
+            failed.append(i)
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    failed = [i for i, (proc, _) in enumerate(nodes) if proc.returncode != 0]
     if timed_out or failed:
         what = f"timed out after {timeout}s" if timed_out else f"node(s) {failed} failed"
         tails = "\n".join(f"=== node {i} ===\n{_tail(out, 40)}" for i, out in enumerate(outputs))

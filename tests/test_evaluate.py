@@ -35,6 +35,7 @@ def test_evaluate_matches_a_hand_computation_from_logits_and_decisions():
 
 
 @pytest.mark.multiprocess
+@pytest.mark.slow
 def test_two_ranks_with_unequal_shards_report_the_ratio_of_summed_counts(tmp_path):
     # 7 images over 2 ranks: rank 0 reads indices 0, 2, 4, 6 (all right), rank 1 reads 1, 3, 5
     # (all wrong). Top-1 is 4/7 = 57.1 %; averaging the ranks' accuracies would give 50 %.
