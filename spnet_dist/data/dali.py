@@ -344,7 +344,7 @@ class _DaliBase:
     def _handle_corrupt(self, err: CorruptImageError) -> None:
         """Record the undecodable files of a failed batch, or stop (``on_corrupt=error``)."""
         bad = find_undecodable(err.paths)
-        if not bad:  # not a decoding problem: do not hide it
+        if not set(bad) - set(self.skipped):  # not a (new) decoding problem: do not hide it or loop
             raise RuntimeError(f"DALI pipeline failed: {err}") from err
         if self.on_corrupt == "error":
             raise CorruptImageError(

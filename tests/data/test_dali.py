@@ -290,3 +290,20 @@ def test_backend_choice(tmp_path):
     assert resolve_data_backend("auto", "cifar") == "torchvision"
     with pytest.raises(ValueError, match="data.backend"):
         resolve_data_backend("dali", "cifar")
+
+
+# ----------------------------------------------------------------------------- the public CLI
+
+@pytest.mark.usefixtures("own_process_group")
+def test_demo_config_trains_with_dali_through_the_cli(digits_root, tmp_path, capsys):
+    from spnet_dist import train
+
+    from ..conftest import REPO_ROOT, tiny_overrides
+
+    out_dir = tmp_path / "run"
+    train.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out_dir),
+               "data.backend=dali", "data.dali_device=cpu"])
+    assert "val top-1" in capsys.readouterr().out
+    record = json.loads((out_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 6 and record["images"] == 360  # every validation image, once
+    assert (out_dir / "data_files.json").is_file()  # rank 0's file list
