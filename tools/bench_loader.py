@@ -5,8 +5,9 @@ training recipe (RandomResizedCrop 0.08-1 / 3:4-4:3 to 224 px, flip, normalise t
 one rank, the same batch size, and the same CPU parallelism (``--workers`` DALI threads vs
 ``--workers`` DataLoader worker processes). The machine is shared, so the two are measured in
 alternation (``--repeats`` rounds of one full epoch each, after one warm-up epoch each) and the
-spread of the per-round ratios is printed. Then a single-thread breakdown says where the time
-goes. The last line is the ratio.
+spread of the per-round ratios is printed, with the CPU time per image of each (all threads and
+worker processes), which the neighbours' load affects far less than wall time. Then a
+one-thread per-stage breakdown in CPU time says where the time goes. The last line is the ratio.
 
     python tools/make_fake_imagenet.py /tmp/fake --classes 10 --per-class 200
     python tools/bench_loader.py --data /tmp/fake
@@ -56,52 +57,69 @@ def _epoch_rate(loader, epoch: int) -> tuple[float, float]:
 
 
 def _breakdown(root: str, size: int, n: int) -> list[str]:
-    """Single-thread ms/image of each stage, for both backends, on the first ``n`` train files."""
+    """CPU milliseconds per image of each stage, one thread, both backends, first ``n`` train files.
+
+    CPU time (``time.process_time``), not wall time: on a shared machine the wall clock mostly
+    measures the neighbours.
+    """
+    from nvidia.dali import fn, pipeline_def, types
     from PIL import Image
     from torchvision import transforms as T
 
-    from spnet_dist.data.dali import DaliRecipe, build_pipeline
     from spnet_dist.data.folder import load_split
     from spnet_dist.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     samples = load_split(root, "train").samples[:n]
     blobs = [Path(p).read_bytes() for p, _ in samples]
-    rows = []
 
-    def per_image(fn) -> float:
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3 / n
+    def cpu_ms(fn_) -> float:
+        start = time.process_time()
+        fn_()
+        return (time.process_time() - start) * 1e3 / n
 
     torch.manual_seed(0)
     rrc, flip = T.RandomResizedCrop(size), T.RandomHorizontalFlip()
     to_tensor, norm = T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    decoded = []
-    t_decode = per_image(lambda: decoded.extend(Image.open(io.BytesIO(b)).convert("RGB") for b in blobs))
-    cropped = []
-    t_crop = per_image(lambda: cropped.extend(flip(rrc(im)) for im in decoded))
-    t_tensor = per_image(lambda: [norm(to_tensor(im)) for im in cropped])
-    rows.append(f"  torchvision/PIL, 1 thread: decode full image {t_decode:.2f} ms, RandomResizedCrop+flip "
-                f"{t_crop:.2f} ms, ToTensor+Normalize {t_tensor:.2f} ms  = {t_decode + t_crop + t_tensor:.2f} ms/image")
+    decoded, cropped = [], []
+    tv = {"decode (full image)": cpu_ms(lambda: decoded.extend(Image.open(io.BytesIO(b)).convert("RGB") for b in blobs)),
+          "RandomResizedCrop+flip": cpu_ms(lambda: cropped.extend(flip(rrc(im)) for im in decoded)),
+          "ToTensor+Normalize": cpu_ms(lambda: [norm(to_tensor(im)) for im in cropped])}
 
-    files, labels = [p for p, _ in samples], [c for _, c in samples]
-    batch = 32
+    files, batch = [p for p, _ in samples], 32
 
-    def dali_ms(recipe: DaliRecipe) -> float:
-        pipe = build_pipeline(files, labels, batch, recipe, seed=0, num_threads=1)
-        pipe.run()  # warm-up
+    def dali_until(stage: str) -> float:
+        @pipeline_def(batch_size=batch, num_threads=1, device_id=None, seed=0)
+        def pipe():
+            jpegs, _ = fn.readers.file(files=files)
+            if stage == "read":
+                return jpegs
+            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                                   random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3])
+            if stage == "decode":
+                return images
+            images = fn.resize(images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            if stage == "resize":
+                return images
+            return fn.crop_mirror_normalize(images, dtype=types.FLOAT, mirror=fn.random.coin_flip(),
+                                            mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+
+        p = pipe()
+        p.build()
+        p.run()  # warm-up
         runs = max(1, n // batch - 1)
-        start = time.perf_counter()
+        start = time.process_time()
         for _ in range(runs):
-            pipe.run()
-        return (time.perf_counter() - start) * 1e3 / (runs * batch)
+            p.run()
+        p._shutdown()
+        return (time.process_time() - start) * 1e3 / (runs * batch)
 
-    t_full = dali_ms(DaliRecipe("imagenet", size, True))
-    t_eval = dali_ms(DaliRecipe("imagenet", size, False))  # full decode + resize + centre crop
-    rows.append(f"  DALI CPU, 1 thread: fused decode+crop+resize+flip+normalise {t_full:.2f} ms/image "
-                f"(for comparison, full-image decode + resize + crop {t_eval:.2f} ms/image): the fused "
-                f"decoder only decodes the crop window, {t_eval / t_full:.2f}x less work than decoding all")
-    return rows
+    cumulative = {stage: dali_until(stage) for stage in ("read", "decode", "resize", "normalise")}
+    dali = {"read file": cumulative["read"],
+            "fused decode + random crop": cumulative["decode"] - cumulative["read"],
+            "resize (antialiased)": cumulative["resize"] - cumulative["decode"],
+            "flip + normalise to float": cumulative["normalise"] - cumulative["resize"]}
+    return [f"  torchvision/PIL: " + ", ".join(f"{k} {v:.2f}" for k, v in tv.items()) + f"  = {sum(tv.values()):.2f} ms",
+            f"  DALI CPU:        " + ", ".join(f"{k} {v:.2f}" for k, v in dali.items()) + f"  = {cumulative['normalise']:.2f} ms"]
 
 
 def main() -> None:
@@ -139,7 +157,7 @@ def main() -> None:
           f"torchvision {statistics.median(cpu_ms['torchvision']):.2f} ms, "
           f"DALI {statistics.median(cpu_ms['dali']):.2f} ms "
           f"({statistics.median(cpu_ms['torchvision']) / statistics.median(cpu_ms['dali']):.2f}x less work)")
-    print("per stage (single thread, same files, wall time):")
+    print("per stage, CPU ms per image (one thread, same files):")
     for row in _breakdown(args.data, args.size, args.breakdown_images):
         print(row)
     tv, dali = statistics.median(rates["torchvision"]), statistics.median(rates["dali"])

@@ -491,12 +491,16 @@ def _shared_listing(data_cfg: Any, rank: int, listing_path: Optional[Path]) -> O
 
     if data_cfg.format not in ("imagefolder", "digits") or listing_path is None:
         return None
-    root = (prepare_digits(data_cfg.root or DEFAULT_DIGITS_ROOT) if data_cfg.format == "digits"
-            else Path(data_cfg.root))
+
+    def prepared_root() -> Path:  # the digits cache is built on first use: by rank 0 only
+        if data_cfg.format == "digits":
+            return prepare_digits(data_cfg.root or DEFAULT_DIGITS_ROOT)
+        return Path(data_cfg.root)
+
     error: Optional[Exception] = None
     if rank == 0:
         try:
-            train, val = build_imagefolder(root)
+            train, val = build_imagefolder(prepared_root())
             save_listing(listing_of(train, val), listing_path)
         except (FileNotFoundError, ValueError) as err:
             error = err
@@ -504,7 +508,7 @@ def _shared_listing(data_cfg: Any, rank: int, listing_path: Optional[Path]) -> O
     D.barrier()
     if error is not None:
         raise error
-    return read_listing(listing_path, root)
+    return read_listing(listing_path, prepared_root())  # other ranks: the finished cache, at once
 
 
 def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
