@@ -138,6 +138,15 @@ class DataConfig:
     augment: str = _help("'auto' (by format) | 'imagenet' | 'cifar' | 'digits' | 'none'", default="auto")
     num_workers: int = _help("data-loading worker processes per rank", default=4)
     eval_batch_size: int = _help("evaluation batch size per rank", default=64)
+    backend: str = _help(
+        "'auto' (DALI for imagefolder when installed, else torchvision) | 'torchvision' | 'dali' "
+        "(JPEG folders only; cifar stays on torchvision); both apply the same augmentation", default="auto")
+    dali_device: str = _help(
+        "DALI decoding: 'auto' (GPU 'mixed' decode when the rank has a GPU, else CPU) | 'gpu' | 'cpu'",
+        default="auto")
+    on_corrupt: str = _help(
+        "an undecodable/truncated image: 'error' (stop, naming the file) | 'skip' (report, count, "
+        "replace it by another image of the rank's share so batches stay full)", default="error")
 
 
 @dataclass
@@ -215,6 +224,9 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.cost_form": ("two_sided", "hinge"),
     "data.format": ("imagefolder", "cifar", "digits"),
     "data.augment": ("auto", "imagenet", "cifar", "digits", "none"),
+    "data.backend": ("auto", "torchvision", "dali"),
+    "data.dali_device": ("auto", "gpu", "cpu"),
+    "data.on_corrupt": ("error", "skip"),
     "schedule.kind": ("multistep", "cosine"),
     "engine.zero_stage": (0, 1, 2),
     "engine.precision": ("bf16", "fp16", "fp32"),
@@ -562,6 +574,9 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     need(d.image_size >= 8, "data.image_size", "must be >= 8")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    if d.backend == "dali" and d.format == "cifar":
+        fail("data.backend", "'dali' reads JPEG folders (imagefolder, digits); data.format 'cifar' "
+                             "uses 'torchvision' (or 'auto')")
     if d.format == "digits" and m.num_classes != 10:
         fail("model.num_classes", f"the digits data set has 10 classes, got {m.num_classes}")
     if check_paths:

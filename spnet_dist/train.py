@@ -23,7 +23,7 @@ import torch
 
 from . import distributed as D
 from .config import Config, deepspeed_config, micro_batch_size, parse_args, save_config
-from .data import build_datasets, build_eval_loader, build_train_loader
+from .data import build_datasets, build_loaders  # build_datasets: re-exported for tests and tools
 from .engine import autocast_context, build_engine, engine_step
 from .evaluate import evaluate
 from .flops import profile_macs
@@ -156,18 +156,11 @@ class Trainer:
             save_config(cfg, out_dir / "config.yaml")
         self.log = RunLogger(out_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard)
 
-        # ============ data: rank 0 first, so a dataset prepared on first use is built once ============
-        if not self.dist.is_main:
-            D.barrier()
-        train_set, val_set = build_datasets(cfg.data)
-        if self.dist.is_main:
-            D.barrier()
+        # ============ data: rank 0 prepares and scans, the others read its file list ============
         micro = micro_batch_size(cfg, self.dist.world_size)
-        self.train_loader = build_train_loader(
-            train_set, micro, self.dist.rank, self.dist.world_size, cfg.run.seed, cfg.data.num_workers
-        )
-        self.val_loader = build_eval_loader(
-            val_set, cfg.data.eval_batch_size, self.dist.rank, self.dist.world_size, cfg.data.num_workers
+        self.train_loader, self.val_loader = build_loaders(
+            cfg.data, micro, self.dist.rank, self.dist.world_size, cfg.run.seed, device=self.device,
+            channels_last=getattr(cfg.engine, "channels_last", False), listing_path=out_dir / "data_files.json",
         )
         self.steps_per_epoch = len(self.train_loader) // cfg.engine.grad_accum
         if self.steps_per_epoch == 0:
