@@ -50,7 +50,8 @@ PLOT_ACC_MACS = "accuracy_vs_macs.png"
 PLOT_SPREAD = "seed_spread.png"
 # Metrics copied from the run's final evaluation record into results.jsonl.
 METRICS = ("top1", "mac_ratio", "exec_rate", "gmacs", "static_gmacs")
-REPORTED = (("top1", "top-1 (%)", 100.0), ("mac_ratio", "MAC ratio", 1.0), ("exec_rate", "exec. rate", 1.0))
+# (key, column title, decimals); spnet-train's metrics.jsonl gives top1 in percent.
+REPORTED = (("top1", "top-1 (%)", 2), ("mac_ratio", "MAC ratio", 3), ("exec_rate", "exec. rate", 3))
 
 
 class SweepError(ValueError):
@@ -201,8 +202,11 @@ def _move_aside(run_dir: Path) -> Optional[Path]:
     return aside
 
 
+TRAIN_COMMAND = (sys.executable, "-m", "spnet_dist.train")
+
+
 def run_one(sweep: Sweep, variant: Variant, seed: int, threads: int, nice: int,
-            python: str = sys.executable) -> dict:
+            command: Sequence[str] = TRAIN_COMMAND) -> dict:
     """Train one (variant, seed) in a child process and return its results record.
 
     Args:
@@ -211,13 +215,13 @@ def run_one(sweep: Sweep, variant: Variant, seed: int, threads: int, nice: int,
         seed: ``run.seed``.
         threads: OMP/MKL/torch intra-op threads of the child.
         nice: niceness added to the child (0 = unchanged).
-        python: the interpreter that runs ``spnet_dist.train``.
+        command: the trainer; ``--config <base> <overrides>`` are appended.
     """
     run_dir = sweep.run_dir(variant, seed)
     _move_aside(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     overrides = sweep.run_overrides(variant, seed)
-    cmd = [python, "-m", "spnet_dist.train", "--config", str(sweep.base), *overrides]
+    cmd = [*command, "--config", str(sweep.base), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_path = run_dir.parent / f"seed{seed}.log"
     start = time.monotonic()
@@ -241,7 +245,8 @@ def pending_runs(sweep: Sweep, records: Iterable[dict]) -> list[tuple[Variant, i
             if (v.name, s, overrides_key(sweep.run_overrides(v, s))) not in done]
 
 
-def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, nice: int = 10, progress: bool = True) -> list[dict]:
+def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, nice: int = 10, progress: bool = True,
+              command: Sequence[str] = TRAIN_COMMAND) -> list[dict]:
     """Run every pending cell of the grid, ``jobs`` processes at a time; return all current records.
 
     Records are appended to ``results.jsonl`` as each run finishes (one line, flushed), so killing
@@ -259,7 +264,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, nice: int = 10, pro
     failures = []
     bar = tqdm(total=total, initial=total - len(todo), desc="sweep", unit="run", disable=not progress)
     with cf.ThreadPoolExecutor(max_workers=jobs) as pool, open(results_path, "a") as out:
-        futures = {pool.submit(run_one, sweep, v, s, threads, nice): (v, s) for v, s in todo}
+        futures = {pool.submit(run_one, sweep, v, s, threads, nice, command): (v, s) for v, s in todo}
         for fut in cf.as_completed(futures):
             v, s = futures[fut]
             try:
@@ -271,7 +276,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, nice: int = 10, pro
                 out.write(json.dumps(record) + "\n")
                 out.flush()
                 records.append(record)
-                bar.set_postfix_str(f"{v.name} s{s}: top1 {100 * record['top1']:.1f} %")
+                bar.set_postfix_str(f"{v.name} s{s}: top1 {record['top1']:.1f} %")
             bar.update(1)
     bar.close()
     if failures:
@@ -313,14 +318,14 @@ def write_report(sweep: Sweep, records: Iterable[dict]) -> Path:
             lines.append(f"| {v.name} | {v.method} | {_fmt_rate(v.target_rate)} | 0 |" + " — |" * len(REPORTED))
             continue
         cells = []
-        for key, _, scale in REPORTED:
-            s = summarize([scale * r[key] for r in recs])
-            digits = 2 if scale == 100.0 else 3
+        for key, _, digits in REPORTED:
+            s = summarize([r[key] for r in recs])
             cells.append(f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{s['min']:.{digits}f}, {s['max']:.{digits}f}]")
         lines.append(f"| {v.name} | {v.method} | {_fmt_rate(v.target_rate)} | {len(recs)} | " + " | ".join(cells) + " |")
     lines += ["", "Per-variant overrides:", ""]
     lines += [f"- `{v.name}`: " + (", ".join(f"`{o}`" for o in v.overrides) or "none") for v in sweep.variants]
     lines += ["", f"Plots: `{PLOT_ACC_MACS}`, `{PLOT_SPREAD}`. Raw records: `{RESULTS}`.", ""]
+    sweep.out_dir.mkdir(parents=True, exist_ok=True)
     report = sweep.out_dir / REPORT
     report.write_text("\n".join(lines))
     write_plots(sweep, grouped)
@@ -349,7 +354,7 @@ def write_plots(sweep: Sweep, grouped: dict[str, list[dict]]) -> list[Path]:
             recs = grouped[v.name]
             if not recs:
                 continue
-            xs, ys = [r["mac_ratio"] for r in recs], [100 * r["top1"] for r in recs]
+            xs, ys = [r["mac_ratio"] for r in recs], [r["top1"] for r in recs]
             ax.scatter(xs, ys, color=colours[method], alpha=0.45, s=18)
             means.append((statistics.fmean(xs), statistics.fmean(ys)))
         if means:
@@ -359,7 +364,7 @@ def write_plots(sweep: Sweep, grouped: dict[str, list[dict]]) -> list[Path]:
     ax.set_ylabel("val top-1 (%)")
     ax.set_title("accuracy vs computation (dots: seeds, line: mean)")
     ax.grid(alpha=0.3)
-    if methods:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
     fig.tight_layout()
     paths.append(sweep.out_dir / PLOT_ACC_MACS)
@@ -369,7 +374,7 @@ def write_plots(sweep: Sweep, grouped: dict[str, list[dict]]) -> list[Path]:
     names = [v.name for v in sweep.variants]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names)), 4.5))
     for i, v in enumerate(sweep.variants):
-        ys = [100 * r["top1"] for r in grouped[v.name]]
+        ys = [r["top1"] for r in grouped[v.name]]
         if not ys:
             continue
         ax.scatter([i] * len(ys), ys, color=colours[v.method], alpha=0.6, s=22)
