@@ -95,8 +95,9 @@ class TeacherConfig:
         "m in theta_t <- m*theta_t + (1-m)*theta_d, in [0, 1); paper 0.7 CIFAR-10, 0.6 CIFAR-100, "
         "official code 0.9 ImageNet", default=0.7)
     forward_mode: str = _help(
-        "'eval' (deterministic: running BN stats, no Gumbel noise) | 'train' (official code)",
-        default="eval")
+        "'train' (official code: batch-stat BN, Gumbel noise; default, chosen from the evidence in "
+        "docs/sweeps/README.md) | 'eval' (deterministic: running BN stats, no Gumbel noise; its BN "
+        "statistics start at their initial values, see docs/paper_fidelity.md)", default="train")
     buffers: str = _help("BN buffers of the teacher: 'copy' from the student | 'ema' like parameters",
                          default="copy")
 
