@@ -95,8 +95,9 @@ class TeacherConfig:
         "m in theta_t <- m*theta_t + (1-m)*theta_d, in [0, 1); paper 0.7 CIFAR-10, 0.6 CIFAR-100, "
         "official code 0.9 ImageNet", default=0.7)
     forward_mode: str = _help(
-        "'eval' (deterministic: running BN stats, no Gumbel noise) | 'train' (official code)",
-        default="eval")
+        "'train' (official code: batch-stat BN, Gumbel noise; default, chosen from the evidence in "
+        "docs/sweeps/README.md) | 'eval' (deterministic: running BN stats, no Gumbel noise; its BN "
+        "statistics start at their initial values, see docs/paper_fidelity.md)", default="train")
     buffers: str = _help("BN buffers of the teacher: 'copy' from the student | 'ema' like parameters",
                          default="copy")
 
@@ -112,17 +113,32 @@ class LossConfig:
         "'paper' (sum of squared execution-probability differences) | 'code' (0.1 * MSE of gate logits)",
         default="paper")
     logits_form: str = _help(
-        "'paper' (sum of KL per head) | 'code' (MSE of every head to the teacher's final logits)",
+        "'paper' (sum of KL per head) | 'code' (0.1 x weighted MSE of every head to the teacher's "
+        "final logits, the official term: use loss.beta=1 to reproduce it)",
         default="paper")
     evo_strategy: str = _help(
         "L_evo strategy (component C): 'stages' (Table 5 EXP-3) | 'blocks' (EXP-1) | "
-        "'blocks_within_stage' (EXP-2) | 'none'", default="stages")
+        "'blocks_within_stage' (EXP-2) | 'to_final' (official ImageNet code: f_K - f_k pairs) | "
+        "'code_cifar' (official CIFAR code: first/middle/last block per stage) | 'none'", default="stages")
     cost_weight: float = _help("weight of L_cost; 0 disables it (needs loss.target_rate when > 0)",
                                default=0.0)
     target_rate: float | None = _help("target execution rate t of L_cost, in [0, 1]", default=None)
     cost_form: str = _help(
         "'two_sided' (paper: (v - t)^2) | 'hinge' (official ImageNet code: only rates above t)",
         default="two_sided")
+    cost_reduction: str = _help(
+        "L_cost over blocks: 'sum' (paper section 4.3) | 'mean' (official code; N times weaker, "
+        "times its lossfact = loss.cost_weight)", default="sum")
+    cost_rate: str = _help(
+        "block rates of L_cost averaged from 'probs' (paper: relaxed decisions, no noise) | "
+        "'decisions' (official code: hard straight-through Gumbel samples)", default="probs")
+    cls_form: str = _help(
+        "L_cls: 'paper' (sum of CE over heads) | 'code' (official weights 1, 0.2, 0.1, 0.01 from "
+        "the final head backwards)", default="paper")
+    grad_clamp: float | None = _help(
+        "clamp every gradient element to [-c, c] before the optimizer step (official CIFAR code: "
+        "0.5); null disables it. Needs engine.zero_stage 0 (ZeRO 1/2 partition the gradients)",
+        default=None)
 
 
 @dataclass
@@ -220,8 +236,11 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "teacher.buffers": ("copy", "ema"),
     "loss.path_form": ("paper", "code"),
     "loss.logits_form": ("paper", "code"),
-    "loss.evo_strategy": ("stages", "blocks", "blocks_within_stage", "none"),
+    "loss.evo_strategy": ("stages", "blocks", "blocks_within_stage", "to_final", "code_cifar", "none"),
     "loss.cost_form": ("two_sided", "hinge"),
+    "loss.cost_reduction": ("sum", "mean"),
+    "loss.cost_rate": ("probs", "decisions"),
+    "loss.cls_form": ("paper", "code"),
     "data.format": ("imagefolder", "cifar", "digits"),
     "data.augment": ("auto", "imagenet", "cifar", "digits", "none"),
     "data.backend": ("auto", "torchvision", "dali"),
@@ -569,6 +588,10 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     if lo.cost_weight > 0 and lo.target_rate is None:
         fail("loss.cost_weight", f"{lo.cost_weight} > 0 needs loss.target_rate (the target "
                                  "execution rate t of L_cost), e.g. loss.target_rate=0.5")
+    if lo.grad_clamp is not None:
+        need(lo.grad_clamp > 0, "loss.grad_clamp", "must be > 0 (use null to disable the clamp)")
+        need(e.zero_stage == 0, "loss.grad_clamp",
+             f"needs engine.zero_stage=0 (stage {e.zero_stage} keeps reduced gradients in partitioned buffers)")
 
     # data
     need(d.image_size >= 8, "data.image_size", "must be >= 8")

@@ -24,10 +24,10 @@ import torch
 from . import distributed as D
 from .config import Config, deepspeed_config, micro_batch_size, parse_args, save_config
 from .data import build_datasets, build_loaders  # build_datasets: re-exported for tests and tools
-from .engine import autocast_context, build_engine, engine_step
+from .engine import autocast_context, build_engine, engine_step, is_boundary
 from .evaluate import evaluate
 from .flops import profile_macs
-from .losses import SPNetCriterion
+from .losses import SPNetCriterion, needs_aux_heads, needs_block_features
 from .models import create_model, load_torchvision_weights
 from .models.resnet import GatedResNet
 from .run_log import RunLogger, results_table
@@ -48,6 +48,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def clamp_gradients_(parameters: Sequence[torch.nn.Parameter], limit: float) -> None:
+    """Clamp every gradient element to [-limit, limit] in place (official CIFAR code, ±0.5).
+
+    Called after ``engine.backward`` at an accumulation boundary: with ZeRO stage 0 the
+    gradients are already averaged across ranks there, so this is the code's clamp of the
+    whole-batch gradient, not of one rank's share.
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        torch._foreach_clamp_min_(grads, -limit)
+        torch._foreach_clamp_max_(grads, limit)
+
+
 def build_model(cfg: Config) -> GatedResNet:
     """The student as the config describes it (block aligners only if L_evo needs them)."""
     model = create_model(
@@ -58,7 +71,8 @@ def build_model(cfg: Config) -> GatedResNet:
         router_bias=cfg.model.router_bias,
         gumbel_tau=cfg.model.gumbel_tau,
         gumbel_noise=cfg.model.gumbel_noise,
-        block_align=cfg.loss.evo_strategy in ("blocks", "blocks_within_stage") and cfg.loss.gamma > 0,
+        aux_heads=needs_aux_heads(cfg.loss.stage_heads, cfg.loss.gamma, cfg.loss.evo_strategy),
+        block_align=needs_block_features(cfg.loss.gamma, cfg.loss.evo_strategy),
     )
     if cfg.model.torchvision_weights:
         load_torchvision_weights(model, cfg.model.torchvision_weights)
@@ -97,6 +111,7 @@ class SPNetStep:
             # a train-mode teacher runs the masked path like the student.
             self.teacher.module.set_execution("skip")
         self.criterion = SPNetCriterion.from_config(cfg.loss, teacher_enabled=cfg.teacher.enabled)
+        self.grad_clamp = cfg.loss.grad_clamp
         self.autocast = autocast_context(cfg.engine.precision, device.type)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
@@ -113,6 +128,8 @@ class SPNetStep:
                 teacher = self.teacher(images)
         terms = self.criterion(student, targets, teacher)
         self.engine.backward(terms["total"])
+        if self.grad_clamp is not None and is_boundary(self.engine):
+            clamp_gradients_(list(self.model.parameters()), self.grad_clamp)
         stepped = engine_step(self.engine)
         if stepped:
             self._after_optimizer_step()

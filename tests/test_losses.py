@@ -198,7 +198,8 @@ def test_logits_loss_code_equals_hand_weighted_mse(k, weights):
     s, t = make_output(0, k=k), make_output(1, k=k)
     assert code_logits_weights(k) == weights
     final_t = t.stage_logits[-1]
-    expected = sum(w * ((y - final_t) ** 2).mean() for w, y in zip(weights, s.stage_logits))
+    # The official code multiplies the weighted sum by 0.1 once more (loss_kd = (...) * 0.1).
+    expected = 0.1 * sum(w * ((y - final_t) ** 2).mean() for w, y in zip(weights, s.stage_logits))
     torch.testing.assert_close(logits_loss(s, t, "code"), expected, **EXACT)
 
 
@@ -430,7 +431,7 @@ def test_criterion_invalid_options_name_the_field(kwargs, field):
 
 
 def test_criterion_error_lists_valid_values():
-    with pytest.raises(ValueError, match="'stages', 'blocks', 'blocks_within_stage', 'none'"):
+    with pytest.raises(ValueError, match="'stages', 'blocks', 'blocks_within_stage', 'to_final', 'code_cifar', 'none'"):
         SPNetCriterion(evo_strategy="layers")
 
 
@@ -446,6 +447,9 @@ class _LossConfig:  # stands in for the `loss` dataclass of spnet_dist/config.py
     cost_weight: float = 2.0
     target_rate: Optional[float] = 0.6
     cost_form: str = "hinge"
+    cost_reduction: str = "mean"
+    cost_rate: str = "decisions"
+    cls_form: str = "code"
 
 
 def test_criterion_from_config_reads_every_field():

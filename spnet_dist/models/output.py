@@ -26,9 +26,12 @@ class SPNetOutput:
         gate_logits: (B, N, 2) raw router logits (the official code's L_path reads these).
         stage_features: K tensors (B, D): a_k(avgpool(x_{l_k})), the aligned stage features of
             L_evo; a_K is the identity, so ``stage_features[-1]`` is the pooled final feature.
-        block_features: N tensors (B, D) of aligned per-block outputs, or None unless the model
-            was built with ``block_align=True`` (L_evo strategies over blocks need them).
+        block_features: N tensors (B, D) of per-block pooled outputs mapped by their stage's
+            aligner (one aligner per stage), or None unless the model was built with
+            ``block_align=True`` (L_evo strategies over blocks need them).
         block_stage: N ints, the stage index (0-based) of each gated block.
+        block_pooled: N tensors (B, C_k) of raw pooled per-block outputs (None unless
+            ``block_align=True``): within a stage all have the same width, no aligner needed.
     """
 
     logits: Tensor
@@ -39,3 +42,4 @@ class SPNetOutput:
     stage_features: list[Tensor]
     block_features: Optional[list[Tensor]]
     block_stage: tuple[int, ...]
+    block_pooled: Optional[list[Tensor]] = None

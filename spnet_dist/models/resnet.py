@@ -51,9 +51,13 @@ class GatedResNet(nn.Module):
         num_classes: classifier outputs.
         in_chans: input image channels.
         aux_heads: build the intermediate stage classifiers and alignment layers (training);
-            exported inference models are built without them.
-        block_align: also build one alignment layer per block, needed only by the "blocks"
-            and "blocks_within_stage" feature-evolution strategies (paper Table 5 EXP-1/2).
+            exported inference models and runs without stage heads (Table 3 baseline, EXP-1)
+            are built without them (``spnet_dist.losses.needs_aux_heads`` decides).
+        block_align: also record every block's pooled output, raw and mapped by one alignment
+            layer per stage (Identity for the last stage), needed only by the L_evo strategies
+            over blocks (paper Table 5 EXP-1/2, official CIFAR code). One aligner per stage,
+            not per block: consecutive blocks of a stage are compared in the same space, and a
+            skipped block (output = input) gives exactly a zero difference.
         router_hidden, router_dropout, router_bias, gumbel_tau, gumbel_noise: see Router.
     """
 
@@ -89,7 +93,7 @@ class GatedResNet(nn.Module):
         self._stem(in_chans, stem_channels)
 
         in_planes = stem_channels
-        stage_widths, block_stage, block_widths = [], [], []
+        stage_widths, block_stage = [], []
         for stage_idx, (n_blocks, planes) in enumerate(zip(layers, stage_planes)):
             stride = 1 if stage_idx == 0 else 2
             blocks = []
@@ -98,7 +102,6 @@ class GatedResNet(nn.Module):
                 in_planes = block.out_channels
                 blocks.append(block)
                 block_stage.append(stage_idx)
-                block_widths.append(in_planes)
             self.add_module(f"layer{stage_idx + 1}", nn.Sequential(*blocks))
             stage_widths.append(in_planes)
         self.num_stages = len(layers)
@@ -109,7 +112,7 @@ class GatedResNet(nn.Module):
             nn.ModuleList(StageHead(w, feature_dim, num_classes) for w in stage_widths[:-1]) if aux_heads else None
         )
         self.block_aligners = (
-            nn.ModuleList(nn.Identity() if w == feature_dim else nn.Linear(w, feature_dim) for w in block_widths)
+            nn.ModuleList(nn.Identity() if w == feature_dim else nn.Linear(w, feature_dim) for w in stage_widths)
             if block_align
             else None
         )
@@ -180,13 +183,14 @@ class GatedResNet(nn.Module):
     def forward(self, x: Tensor) -> SPNetOutput:
         self.check_input(x)
         x = self.forward_stem(x)
-        gates, stage_pooled, block_features = [], [], []
-        for stage in self.stages:
+        gates, stage_pooled, block_features, block_pooled = [], [], [], []
+        for stage_idx, stage in enumerate(self.stages):
             for block in stage:
                 x, gate = block(x)
                 gates.append(gate)
                 if self.block_aligners is not None:
-                    block_features.append(self.block_aligners[len(gates) - 1](x.mean(dim=(2, 3))))
+                    block_pooled.append(x.mean(dim=(2, 3)))  # (B, C_k)
+                    block_features.append(self.block_aligners[stage_idx](block_pooled[-1]))  # (B, D)
             stage_pooled.append(x.mean(dim=(2, 3)))  # (B, C_k)
 
         final = stage_pooled[-1]  # (B, D); a_K is the identity
@@ -208,6 +212,7 @@ class GatedResNet(nn.Module):
             stage_features=stage_features,
             block_features=block_features if self.block_aligners is not None else None,
             block_stage=self.block_stage,
+            block_pooled=block_pooled if self.block_aligners is not None else None,
         )
 
     # ---------------------------------------------------------------- export
