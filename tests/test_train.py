@@ -69,22 +69,24 @@ def test_eval_record_matches_a_hand_evaluation_of_the_weights(tiny_config):
 
 
 def test_teacher_is_built_from_the_teacher_section(tiny_config, tmp_path):
-    # Every value differs from what a mix-up would give: optim.momentum is 0.9, the defaults
-    # are forward_mode=eval and buffers=copy.
+    # Every value differs from what a mix-up would give (optim.momentum is 0.8 here), and the
+    # two Trainers swap every choice, so neither a default nor a constant can pass both.
     cfg = tiny_config("teacher.momentum=0.37", "teacher.forward_mode=train", "teacher.buffers=ema",
                       "optim.momentum=0.8")
     teacher = train.Trainer(cfg).teacher
     assert teacher.momentum == 0.37
     assert teacher.forward_mode == "train" and teacher.buffers == "ema"
-    cfg = tiny_config("teacher.momentum=0.55", f"run.out_dir={tmp_path / 'second'}")
+    cfg = tiny_config("teacher.momentum=0.55", "teacher.forward_mode=eval", "teacher.buffers=copy",
+                      f"run.out_dir={tmp_path / 'second'}")
     teacher = train.Trainer(cfg).teacher
     assert (teacher.momentum, teacher.forward_mode, teacher.buffers) == (0.55, "eval", "copy")
 
 
 def test_step_hands_the_criterion_the_teachers_output(tiny_config):
-    # Deterministic student (no Gumbel noise, no router dropout, fp32) and the default
-    # eval-mode teacher, so both outputs can be computed again outside the step.
-    cfg = tiny_config("model.gumbel_noise=false", "model.router_dropout=0.0", "engine.precision=fp32")
+    # Deterministic student (no Gumbel noise, no router dropout, fp32) and an
+    # an eval-mode teacher, so both outputs can be computed again outside the step.
+    cfg = tiny_config("model.gumbel_noise=false", "model.router_dropout=0.0", "engine.precision=fp32",
+                      "teacher.forward_mode=eval")
     trainer = train.Trainer(cfg)
     step = trainer.step_fn
     g = torch.Generator().manual_seed(3)
