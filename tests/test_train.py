@@ -84,7 +84,7 @@ def test_teacher_is_built_from_the_teacher_section(tiny_config, tmp_path):
 
 def test_step_hands_the_criterion_the_teachers_output(tiny_config):
     # Deterministic student (no Gumbel noise, no router dropout, fp32) and an
-    # an eval-mode teacher, so both outputs can be computed again outside the step.
+    # eval-mode teacher, so both outputs can be computed again outside the step.
     cfg = tiny_config("model.gumbel_noise=false", "model.router_dropout=0.0", "engine.precision=fp32",
                       "teacher.forward_mode=eval")
     trainer = train.Trainer(cfg)
