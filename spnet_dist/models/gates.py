@@ -75,10 +75,13 @@ class Router(nn.Module):
         self.force: Optional[bool] = None
 
     def forward(self, x: Tensor) -> GateOutput:
-        pooled = x.mean(dim=(2, 3))  # (B, C)
-        hidden = self.dropout(F.relu(self.bn(self.fc1(pooled))))
-        # Decisions are made in fp32 even under autocast: a bf16 logit tie would flip gates.
-        logits = self.fc2(hidden).float()  # (B, 2)
+        # The whole router runs in fp32 with autocast off: under bf16 autocast, fc1/fc2 would
+        # round their outputs to 8 mantissa bits before any .float(), and near-tie logits then
+        # decide differently from the fp32 exported model. It costs C x 128 + 128 x 2 MACs a sample.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            pooled = x.float().mean(dim=(2, 3))  # (B, C)
+            hidden = self.dropout(F.relu(self.bn(self.fc1(pooled))))
+            logits = self.fc2(hidden)  # (B, 2), fp32
         prob = logits.softmax(dim=-1)[:, 1]
         if self.force is not None:
             decision = torch.full_like(prob, 1.0 if self.force else 0.0)
