@@ -154,3 +154,19 @@ def test_interval_meter_reports_throughput_data_wait_and_eta():
     assert speed == {"images_per_sec": 32 * 2 / 4.0, "data_wait": 0.25, "eta_s": 100.0}
     meter.add(images=8, stepped=False)  # a new interval starts at the report
     assert meter.report(now=15.0, world_size=1, steps_left=0)["images_per_sec"] == 8.0
+
+
+@pytest.mark.parametrize("world,overrides", [(1, ["engine.global_batch_size=1"]),
+                                             (4, ["engine.global_batch_size=4"]),
+                                             (2, ["engine.global_batch_size=4", "engine.grad_accum=2"])])
+def test_cli_rejects_a_micro_batch_of_one_before_writing_anything(tmp_path, capsys, monkeypatch, world, overrides):
+    # Acceptance 2: exit 2 with one line naming the field, before any file or process group.
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    out_dir = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        train.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *overrides, f"run.out_dir={out_dir}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spnet-train: error: ") or "error: " in err[-1]
+    assert "engine.global_batch_size:" in err[-1] and "micro-batch of 1 per rank" in err[-1]
+    assert not out_dir.exists()

@@ -10,12 +10,24 @@ global-average-pool of the block input -> Linear(C, 128) -> BN1d -> ReLU -> Drop
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region that computes in fp32 even inside an autocast region (no-op where autocast does not exist).
+
+    Args:
+        device: the device of the region's inputs.
+    """
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()  # e.g. 'meta' (the CPU device-bug guard runs models there)
 
 
 @dataclass
@@ -78,7 +90,7 @@ class Router(nn.Module):
         # The whole router runs in fp32 with autocast off: under bf16 autocast, fc1/fc2 would
         # round their outputs to 8 mantissa bits before any .float(), and near-tie logits then
         # decide differently from the fp32 exported model. It costs C x 128 + 128 x 2 MACs a sample.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             pooled = x.float().mean(dim=(2, 3))  # (B, C)
             hidden = self.dropout(F.relu(self.bn(self.fc1(pooled))))
             logits = self.fc2(hidden)  # (B, 2), fp32

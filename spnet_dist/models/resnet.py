@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import GatedBasicBlock, GatedBlock, GatedBottleneck
+from .gates import autocast_off
 from .output import SPNetOutput
 
 # Keys a torchvision ResNet does not have: routers and the training-only heads.
@@ -191,7 +192,7 @@ class GatedResNet(nn.Module):
 
         # Heads in fp32 with autocast off: the losses compare their logits (and the exported fp32
         # model's argmax) to bf16 rounding otherwise; they are a few Linear layers on pooled features.
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device):
             final = stage_pooled[-1].float()  # (B, D); a_K is the identity
             logits = self.fc(final)
             stage_features, stage_logits = [], []
