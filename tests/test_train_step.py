@@ -170,3 +170,16 @@ def test_cli_rejects_a_micro_batch_of_one_before_writing_anything(tmp_path, caps
     assert err[-1].startswith("spnet-train: error: ") or "error: " in err[-1]
     assert "engine.global_batch_size:" in err[-1] and "micro-batch of 1 per rank" in err[-1]
     assert not out_dir.exists()
+
+
+@pytest.mark.slow
+def test_masked_training_forward_compiles_as_one_graph():
+    # engine.compile: the student's masked forward, Gumbel sampling included, is one graph with no
+    # break (what torch.compile needs to fuse it); the eval skip path breaks at every nonzero().
+    import torch._dynamo as dynamo
+
+    model = build_model(load_config(REPO_ROOT / "configs" / "demo.yaml", [], check_paths=False, world_size=1)).train()
+    explained = dynamo.explain(model)(torch.randn(4, 3, SIZE, SIZE))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    model.eval().set_execution("skip")
+    assert dynamo.explain(model)(torch.randn(4, 3, SIZE, SIZE)).graph_break_count >= model.num_blocks
