@@ -33,7 +33,7 @@ __all__ = [
     "MODEL_NAMES", "IMAGENET_MODELS", "ConfigError",
     "ModelConfig", "TeacherConfig", "LossConfig", "DataConfig", "OptimConfig", "ScheduleConfig",
     "EngineConfig", "RunConfig", "Config",
-    "load_config", "config_from_dict", "validate", "micro_batch_size", "deepspeed_config",
+    "load_config", "config_from_dict", "validate", "micro_batch_size", "deepspeed_config", "zero_bucket_size",
     "to_dict", "save_config", "add_config_arguments", "config_from_args", "parse_args",
 ]
 
@@ -100,6 +100,10 @@ class TeacherConfig:
         "statistics start at their initial values, see docs/paper_fidelity.md)", default="train")
     buffers: str = _help("BN buffers of the teacher: 'copy' from the student | 'ema' like parameters",
                          default="copy")
+    execution: str = _help(
+        "how the eval-mode teacher runs closed blocks: 'masked' (every block on the whole batch, x0/1: "
+        "fixed shapes, no host sync) | 'skip' (closed blocks really skipped: fewer MACs, one nonzero() "
+        "host sync per block and varying shapes) | 'auto' (masked on CUDA, skip on CPU)", default="auto")
 
 
 @dataclass
@@ -198,6 +202,15 @@ class EngineConfig:
         "'fp32' (gradients all-reduced in fp32, as DDP does) | 'autocast' (DeepSpeed's default under "
         "torch_autocast: Conv/Linear gradients reduced in the autocast dtype, half the traffic)", default="fp32")
     backend: str = _help("'auto' (nccl with CUDA, else gloo) | 'nccl' | 'gloo'", default="auto")
+    bucket_size: int | None = _help(
+        "elements per ZeRO-1/2 gradient-reduce and parameter-allgather bucket; null = sized from the model "
+        "(its trainable parameter count, capped at DeepSpeed's 5e8 default, which alone allocates ~2 GB of "
+        "fp32 staging)", default=None)
+    channels_last: bool | None = _help(
+        "channels_last memory format for model and batches (faster convolutions on tensor cores); "
+        "null = on for CUDA, off on CPU", default=None)
+    compile: bool = _help("torch.compile the student's forward (masked execution path; the first steps "
+                          "compile)", default=False)
 
 
 @dataclass
@@ -234,6 +247,7 @@ _ALL_KEYS = [f"{s}.{k}" for s, fields in _FIELD_TYPES.items() for k in fields]
 CHOICES: dict[str, tuple[Any, ...]] = {
     "teacher.forward_mode": ("eval", "train"),
     "teacher.buffers": ("copy", "ema"),
+    "teacher.execution": ("auto", "masked", "skip"),
     "loss.path_form": ("paper", "code"),
     "loss.logits_form": ("paper", "code"),
     "loss.evo_strategy": ("stages", "blocks", "blocks_within_stage", "to_final", "code_cifar", "none"),
@@ -629,7 +643,22 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     need(e.grad_accum >= 1, "engine.grad_accum", "must be >= 1")
     if e.clip_grad is not None:
         need(e.clip_grad > 0, "engine.clip_grad", "must be > 0 (use null to disable clipping)")
-    micro_batch_size(cfg, world_size)
+    micro = micro_batch_size(cfg, world_size)
+    if micro < 2:
+        # The router's BatchNorm1d (and every BatchNorm2d) needs two samples per rank to
+        # normalise with batch statistics in training; torch raises at the first step otherwise.
+        per_step = e.grad_accum * (e.global_batch_size // (micro * e.grad_accum))
+        fail("engine.global_batch_size",
+             f"{e.global_batch_size} gives a micro-batch of 1 per rank (grad_accum {e.grad_accum} x world size "
+             f"{per_step // e.grad_accum}); BatchNorm in training needs >= 2 samples per rank: use a multiple "
+             f"of 2 x {per_step} = {2 * per_step} (e.g. {2 * per_step}, {4 * per_step}), or fewer ranks / a "
+             "smaller engine.grad_accum")
+    if e.precision == "fp16" and e.zero_stage == 0:
+        fail("engine.precision", "'fp16' needs engine.zero_stage 1 or 2: with ZeRO 0 DeepSpeed's GradScaler "
+                                 "skips overflow steps without telling the engine (the LR schedule and the "
+                                 "teacher would count them); use bf16, or zero_stage 1/2")
+    if e.bucket_size is not None:
+        need(e.bucket_size >= 1, "engine.bucket_size", "must be >= 1 element (or null: sized from the model)")
 
     # run
     need(bool(r.out_dir.strip()), "run.out_dir", "must not be empty")
@@ -674,20 +703,48 @@ def _check_data_root(cfg: Config) -> None:
 # DeepSpeed JSON and serialisation
 # --------------------------------------------------------------------------------------------------
 
-def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict:
+# DeepSpeed's default ZeRO bucket (elements), sized for LLMs: 5e8 fp32 elements = 2 GB of staging.
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+
+
+def zero_bucket_size(cfg: Config, num_parameters: int | None) -> int:
+    """Elements per ZeRO reduce / allgather bucket: ``engine.bucket_size``, else the model's size.
+
+    One bucket holding every gradient is the fewest collectives DeepSpeed can issue and costs
+    one model's worth of staging (100 MB fp32 for ResNet-50) instead of 2 GB.
+
+    Args:
+        cfg: the run config.
+        num_parameters: trainable parameter count of the student (None: DeepSpeed's default).
+    """
+    if cfg.engine.bucket_size is not None:
+        return cfg.engine.bucket_size
+    if num_parameters is None:
+        return DEEPSPEED_DEFAULT_BUCKET
+    return max(1, min(int(num_parameters), DEEPSPEED_DEFAULT_BUCKET))
+
+
+def deepspeed_config(cfg: Config, world_size: int | None = None, num_parameters: int | None = None) -> dict:
     """The DeepSpeed config dict derived from ``cfg`` (the only place it is written).
 
     Mixed precision goes through ``torch_autocast`` only: DeepSpeed's own ``bf16``/``fp16``
     sections cast module parameters and break BatchNorm (see docs/library-facts.md).
+    DeepSpeed's throughput timer is switched off: enabled and ``synchronized`` by default, it
+    synchronises the device at every micro-batch; the trainer measures throughput itself.
 
     Args:
         cfg: the run config.
         world_size: data-parallel ranks; None reads ``WORLD_SIZE`` (default 1).
+        num_parameters: the student's trainable parameter count, to size the ZeRO buckets
+            (:func:`zero_bucket_size`); None keeps DeepSpeed's 5e8 unless ``engine.bucket_size``.
     """
     e = cfg.engine
     if e.zero_stage not in (0, 1, 2):
         validate(cfg, world_size, check_paths=False)  # raises the explanatory ZeRO error
     zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.zero_stage in (1, 2):
+        bucket = zero_bucket_size(cfg, num_parameters)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
     if e.zero_stage == 2:
         # Skipped blocks leave parameters without gradients in a step: ZeRO-2 must tolerate them.
         zero.update(overlap_comm=False, contiguous_gradients=True, ignore_unused_parameters=True)
@@ -709,6 +766,7 @@ def deepspeed_config(cfg: Config, world_size: int | None = None) -> dict:
         "torch_autocast": autocast,
         "steps_per_print": 10**9,  # our own logging reports progress
         "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
 
 

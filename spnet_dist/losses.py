@@ -175,13 +175,11 @@ def evolution_loss(features: Sequence[Tensor]) -> Tensor:
     if len(features) < 3:
         ref = features[0] if features else None
         return torch.zeros((), device=ref.device if ref is not None else None)
-    fs = [f.float() for f in features]
-    diffs = [b - a for a, b in zip(fs[:-1], fs[1:])]  # (M-1) × (B, D), eq. 9
-    total = 0.0
-    for d_prev, d_next in zip(diffs[:-1], diffs[1:]):
-        cos = F.cosine_similarity(d_next, d_prev, dim=-1)  # (B,)
-        total = total + (1.0 - cos).mean()
-    return 0.5 * total
+    # One stacked tensor and three kernels instead of a Python loop over the M-2 pairs.
+    fs = torch.stack([f.float() for f in features])  # (M, B, D)
+    diffs = fs[1:] - fs[:-1]  # (M-1, B, D), eq. 9
+    cos = F.cosine_similarity(diffs[1:], diffs[:-1], dim=-1)  # (M-2, B)
+    return 0.5 * (1.0 - cos).mean(dim=1).sum()
 
 
 def to_final_evolution_loss(features: Sequence[Tensor]) -> Tensor:

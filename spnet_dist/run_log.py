@@ -41,17 +41,34 @@ class RunLogger:
         if self.progress == "bar":
             self._bar = tqdm(total=total_steps, desc=f"epoch {epoch}", dynamic_ncols=True, leave=False)
 
-    def step(self, step: int, epoch: int, terms: Mapping[str, float], lr: float, log: bool) -> None:
-        """Called once per optimizer step; ``log`` is True every ``run.log_every`` steps."""
+    def step(self, step: int, epoch: int, terms: Mapping[str, float], lr: float, log: bool,
+             speed: Optional[Mapping[str, float]] = None) -> None:
+        """Called once per applied optimizer step; ``log`` is True every ``run.log_every`` steps.
+
+        Args:
+            step: optimizer steps taken.
+            epoch: current epoch.
+            terms: loss terms (floats) when ``log``.
+            lr: the learning rate this step used.
+            log: whether this is a logging step.
+            speed: on logging steps, the interval's ``images_per_sec``, ``data_wait`` (fraction
+                of the interval spent waiting for the loader) and ``eta_s`` (seconds left).
+        """
+        speed = speed or {}
         if self._bar is not None:
             self._bar.update(1)
             if log:
-                self._bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{lr:.3g}")
+                extra = {"img/s": f"{speed['images_per_sec']:.0f}"} if speed else {}
+                self._bar.set_postfix(loss=f"{terms['total']:.3f}", lr=f"{lr:.3g}", **extra)
         elif self.progress == "log" and log:
             shown = " ".join(f"{k}={v:.4f}" for k, v in terms.items())
-            print(f"epoch {epoch} step {step} lr={lr:.4g} {shown}", flush=True)
+            rate = (f" | {speed['images_per_sec']:.0f} img/s, data wait {100 * speed['data_wait']:.0f} %, "
+                    f"ETA {format_duration(speed['eta_s'])}") if speed else ""
+            print(f"epoch {epoch} step {step} lr={lr:.4g} {shown}{rate}", flush=True)
         if log:
-            self.scalars({f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr}, step)
+            values = {f"train/{k}": v for k, v in terms.items()} | {"train/lr": lr}
+            values |= {f"train/{k}": v for k, v in speed.items() if k != "eta_s"}
+            self.scalars(values, step)
 
     def end_epoch(self) -> None:
         if self._bar is not None:
@@ -81,6 +98,12 @@ class RunLogger:
         self.end_epoch()
         if self._writer is not None:
             self._writer.close()
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``"1:02:05"`` (hours may exceed 24: ``"27:00:00"``)."""
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def results_table(record: Mapping[str, Any]) -> str:

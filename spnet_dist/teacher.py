@@ -78,48 +78,78 @@ class EMATeacher:
         self.num_updates = 0
 
         self.module = copy.deepcopy(student)
+        # deepcopy also copies the hooks registered on the student: DeepSpeed's engine puts a
+        # forward pre/post hook on its module that close over the STUDENT's engine (timers,
+        # profiler, ZeRO-3 bookkeeping), so every teacher forward would run the engine's
+        # prologue/epilogue. The teacher is the student's weights and structure, not its hooks.
+        remove_module_hooks(self.module)
         self.module._apply(_upcast)  # what nn.Module.float() uses, but keeps fp64 as fp64
         for p in self.module.parameters():
             p.requires_grad_(False)
             p.grad = None  # deepcopy also copies any .grad the student had
         self._param_names = [name for name, _ in self.module.named_parameters()]
         self._buffer_names = [name for name, _ in self.module.named_buffers()]
+        # Matched (teacher, student) tensor lists, built at the first update and reused: the
+        # per-step work is then two or three foreach kernels, no Python loop over tensors.
+        self._bound_to: nn.Module | None = None
+        self._lerp_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._copy_pairs: tuple[list[Tensor], list[Tensor]] = ([], [])
+        self._cast = False
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """θ^t ← m·θ^t + (1 − m)·θ^d (eq. 5), then the buffer rule. Call once per optimizer step.
 
+        The first call (and any call with another student module) pairs the teacher's tensors
+        with the student's by name and caches the lists; later calls are ``_foreach_lerp_``
+        over parameters (and EMA'd buffers) plus ``_foreach_copy_`` over copied buffers.
+
         Args:
             student: the same plain module the teacher was built from (any dtype or device; its
                 values are cast to the teacher's dtype and device before the update).
         """
+        if student is not self._bound_to:
+            self._bind(student)
         weight = 1.0 - self.momentum
-        t_params = [p for _, p in self.module.named_parameters()]
-        s_params = self._matching(student.named_parameters(), self._param_names, "parameters", t_params)
-        if t_params:
-            torch._foreach_lerp_(t_params, s_params, weight)
+        lerp_t, lerp_s = self._lerp_pairs
+        copy_t, copy_s = self._copy_pairs
+        if self._cast:  # a half-precision or other-device student: cast into the teacher's dtype
+            lerp_s = [s.to(device=t.device, dtype=t.dtype) for s, t in zip(lerp_s, lerp_t)]
+            copy_s = [s.to(device=t.device, dtype=t.dtype) for s, t in zip(copy_s, copy_t)]
+        if lerp_t:
+            torch._foreach_lerp_(lerp_t, lerp_s, weight)
+        if copy_t:
+            torch._foreach_copy_(copy_t, copy_s)
+        self.num_updates += 1
 
+    def _bind(self, student: nn.Module) -> None:
+        t_params = [p for _, p in self.module.named_parameters()]
+        s_params = self._matching(student.named_parameters(), self._param_names, "parameters")
         t_bufs = [b for _, b in self.module.named_buffers()]
-        s_bufs = self._matching(student.named_buffers(), self._buffer_names, "buffers", t_bufs)
-        lerp_t, lerp_s = [], []
+        s_bufs = self._matching(student.named_buffers(), self._buffer_names, "buffers")
+        lerp_t, lerp_s, copy_t, copy_s = list(t_params), list(s_params), [], []
         for t, s in zip(t_bufs, s_bufs):
             if self.buffers == "ema" and t.is_floating_point():
                 lerp_t.append(t)
                 lerp_s.append(s)
-            else:
-                t.copy_(s)  # "copy" rule, or an integer buffer such as num_batches_tracked
-        if lerp_t:
-            torch._foreach_lerp_(lerp_t, lerp_s, weight)
-        self.num_updates += 1
+            else:  # "copy" rule, or an integer buffer such as num_batches_tracked
+                copy_t.append(t)
+                copy_s.append(s)
+        self._lerp_pairs, self._copy_pairs = (lerp_t, lerp_s), (copy_t, copy_s)
+        self._cast = any(s.dtype != t.dtype or s.device != t.device
+                         for s, t in zip(lerp_s + copy_s, lerp_t + copy_t))
+        self._bound_to = student
 
     @staticmethod
-    def _matching(named, expected_names: list[str], kind: str, like: list[Tensor]) -> list[Tensor]:
+    def _matching(named, expected_names: list[str], kind: str) -> list[Tensor]:
         # Pair student tensors with the teacher's by name, so a wrapped student ("module." prefix)
         # or a different architecture fails loudly instead of averaging the wrong tensors.
         names, tensors = [], []
         for name, t in named:
             names.append(name)
+            # The tensor objects themselves, not .detach() aliases: ZeRO may re-point a
+            # parameter's .data (flat buffers, checkpoint loads) and an alias would go stale.
             tensors.append(t)
         if names != expected_names:
             diff = sorted(set(names) ^ set(expected_names))[:5]
@@ -127,7 +157,7 @@ class EMATeacher:
                 f"student {kind} do not match the teacher's (pass the plain module, not a "
                 f"DeepSpeed/DDP wrapper); first differing names: {diff or 'same names, other order'}"
             )
-        return [s.detach().to(device=t.device, dtype=t.dtype) for s, t in zip(tensors, like)]
+        return tensors
 
     # ------------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -180,6 +210,28 @@ class EMATeacher:
             f"EMATeacher(momentum={self.momentum}, forward_mode={self.forward_mode!r}, "
             f"buffers={self.buffers!r}, num_updates={self.num_updates})"
         )
+
+
+# Every per-module hook dict of nn.Module (forward, forward-with-kwargs, backward).
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks",
+)
+
+
+def remove_module_hooks(module: nn.Module) -> None:
+    """Drop every forward/backward hook registered on ``module`` and its submodules (in place).
+
+    Args:
+        module: typically a fresh ``copy.deepcopy`` of a module another library hooked into.
+    """
+    for sub in module.modules():
+        for name in _HOOK_DICTS:
+            hooks = getattr(sub, name, None)
+            if hooks:
+                hooks.clear()
+        if getattr(sub, "_is_full_backward_hook", None) is not None:
+            sub._is_full_backward_hook = None
 
 
 def _check_momentum(momentum: Any) -> None:

@@ -79,6 +79,30 @@ def build_model(cfg: Config) -> GatedResNet:
     return model
 
 
+def resolve_teacher_execution(choice: str, device: torch.device) -> str:
+    """``teacher.execution`` -> "masked" or "skip" ("auto": masked on CUDA, skip elsewhere).
+
+    The skip path calls ``nonzero()`` in every block (a host-device sync each, 16 per step on
+    ResNet-50) and gives every block a batch of a different size, which defeats
+    ``cudnn.benchmark``, CUDA graphs and ``torch.compile``; on a GPU the few MACs it saves
+    cost more than they save. On a CPU there is no device to wait for and MACs are time.
+
+    Args:
+        choice: "auto" | "masked" | "skip".
+        device: the training device.
+    """
+    if choice == "auto":
+        return "masked" if device.type == "cuda" else "skip"
+    if choice not in ("masked", "skip"):
+        raise ValueError(f"teacher.execution must be 'auto', 'masked' or 'skip', got {choice!r}")
+    return choice
+
+
+def use_channels_last(cfg: Config, device: torch.device) -> bool:
+    """``engine.channels_last`` resolved: null means on for CUDA (tensor-core convolutions), off on CPU."""
+    return device.type == "cuda" if cfg.engine.channels_last is None else cfg.engine.channels_last
+
+
 class SPNetStep:
     """One SP-Net optimisation step on a micro-batch: the engine, the teacher, the criterion.
 
@@ -95,31 +119,49 @@ class SPNetStep:
     def __init__(self, cfg: Config, model: GatedResNet, device: torch.device, world_size: int,
                  steps_per_epoch: int) -> None:
         self.device = device
+        if device.type == "cuda":
+            # Fixed input shapes (masked execution): let cuDNN pick the fastest kernels, unless
+            # the run asked for deterministic algorithms.
+            torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
+        self.memory_format = torch.channels_last if use_channels_last(cfg, device) else torch.contiguous_format
+        model = model.to(memory_format=self.memory_format)
+        num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.ds_config = deepspeed_config(cfg, world_size, num_parameters=num_parameters)
         self.engine, self.optimizer, self.scheduler = build_engine(
-            model, cfg.optim, cfg.schedule, deepspeed_config(cfg, world_size), steps_per_epoch
+            model, cfg.optim, cfg.schedule, self.ds_config, steps_per_epoch
         )
         self.model: GatedResNet = self.engine.module
-        # Built after deepspeed.initialize: the engine broadcasts rank 0's weights, the teacher copies them.
+        # Built after deepspeed.initialize: the engine broadcasts rank 0's weights, the teacher
+        # copies them (without the engine's forward hooks, see EMATeacher).
         self.teacher: Optional[EMATeacher] = (
             EMATeacher(self.model, cfg.teacher.momentum, cfg.teacher.forward_mode, cfg.teacher.buffers)
             if cfg.teacher.enabled
             else None
         )
+        self.teacher_execution = resolve_teacher_execution(cfg.teacher.execution, device)
         if self.teacher is not None:
             # An eval-mode teacher makes hard, deterministic decisions and needs no gradient, so
-            # it can really skip its closed blocks (same outputs as the masked path, tested);
-            # a train-mode teacher runs the masked path like the student.
-            self.teacher.module.set_execution("skip")
+            # it may really skip its closed blocks (same outputs as the masked path, tested); a
+            # train-mode teacher always runs the masked path like the student.
+            self.teacher.module.set_execution(self.teacher_execution)
+        if cfg.engine.compile:
+            # After the teacher copy: the teacher stays eager (its skip path has data-dependent
+            # shapes). DeepSpeed's engine.compile() compiles the module's forward in place.
+            self.engine.compile()
         self.criterion = SPNetCriterion.from_config(cfg.loss, teacher_enabled=cfg.teacher.enabled)
         self.grad_clamp = cfg.loss.grad_clamp
         self.autocast = autocast_context(cfg.engine.precision, device.type)
+        self.skipped_steps = 0  # optimizer steps DeepSpeed skipped (fp16 overflow)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         """Forward, backward and (at an accumulation boundary) the optimizer and teacher steps.
 
-        Returns the detached loss terms and whether an optimizer step happened.
+        Returns the detached loss terms and whether an optimizer step was APPLIED: False
+        between accumulation boundaries and for a boundary whose fp16 step DeepSpeed skipped on
+        overflow (then neither the teacher nor the step count moves, and the LR did not step).
         """
-        images = images.to(self.device, non_blocking=True)
+        # non_blocking: from the loader's pinned memory the copy overlaps with queued GPU work.
+        images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         student = self.engine(images)  # DeepSpeed applies its torch_autocast section here
         teacher = None
@@ -130,10 +172,14 @@ class SPNetStep:
         self.engine.backward(terms["total"])
         if self.grad_clamp is not None and is_boundary(self.engine):
             clamp_gradients_(list(self.model.parameters()), self.grad_clamp)
-        stepped = engine_step(self.engine)
-        if stepped:
+        boundary = engine_step(self.engine)
+        # DeepSpeed's own signal (a Python bool: ZeRO 1/2 already synced for their overflow check).
+        applied = boundary and self.engine.was_step_applied()
+        if boundary and not applied:
+            self.skipped_steps += 1
+        if applied:
             self._after_optimizer_step()
-        return {k: v.detach() for k, v in terms.items()}, stepped
+        return {k: v.detach() for k, v in terms.items()}, applied
 
     def _after_optimizer_step(self) -> None:
         # DeepSpeed syncs parameters, never BN buffers: average them so the student is the
@@ -145,6 +191,72 @@ class SPNetStep:
             if self.teacher.buffers == "ema":
                 # A train-mode teacher forward moved its own BN statistics on local data.
                 D.all_reduce_mean_(self.teacher.teacher_buffers())
+
+
+def pack_epoch_sums(sums: dict[str, torch.Tensor], micro_batches: int, images: int,
+                    device: torch.device) -> tuple[list[str], torch.Tensor]:
+    """The epoch's loss sums and counters as one float64 tensor ON ``device`` (for one all-reduce).
+
+    Every piece is created on ``device`` before stacking: ``torch.stack`` refuses to mix a CUDA
+    loss sum with a CPU counter (the epoch-end crash of issue 6).
+
+    Args:
+        sums: per-term sums of the detached losses (tensors on the training device).
+        micro_batches: micro-batches this rank ran.
+        images: images this rank saw.
+        device: the training device.
+
+    Returns:
+        ``(keys, packed)``: sorted term names and ``[sum_k for k in keys] + [micro_batches, images]``.
+    """
+    keys = sorted(sums)
+    parts = [torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys]
+    parts += [torch.full((), float(micro_batches), dtype=torch.float64, device=device),
+              torch.full((), float(images), dtype=torch.float64, device=device)]
+    return keys, torch.stack(parts)
+
+
+def reduce_epoch_means(sums: dict[str, torch.Tensor], micro_batches: int, images: int, elapsed: float,
+                       device: torch.device) -> dict[str, float]:
+    """Epoch means of every loss term and the global images/s, averaged over ranks.
+
+    Args:
+        sums, micro_batches, images, device: see :func:`pack_epoch_sums`.
+        elapsed: wall seconds of this rank's epoch.
+    """
+    keys, packed = pack_epoch_sums(sums, micro_batches, images, device)
+    D.all_reduce_mean_([packed])
+    values = packed.tolist()  # one host sync for everything
+    n = max(values[-2], 1.0)
+    means = {k: values[i] / n for i, k in enumerate(keys)}
+    means["images_per_sec"] = values[-1] * D.get_world_size() / max(elapsed, 1e-9)
+    return means
+
+
+class IntervalMeter:
+    """Throughput of the last logging interval: images/s, fraction of time waiting for data, ETA.
+
+    Args:
+        start: ``time.perf_counter()`` at the start of the epoch.
+    """
+
+    def __init__(self, start: float) -> None:
+        self.start, self.images, self.steps, self.wait = start, 0, 0, 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def add(self, images: int, stepped: bool) -> None:
+        self.images += images
+        self.steps += int(stepped)
+
+    def report(self, now: float, world_size: int, steps_left: int) -> dict[str, float]:
+        """The interval's figures (global images/s), then start a new interval at ``now``."""
+        elapsed = max(now - self.start, 1e-9)
+        speed = {"images_per_sec": self.images * world_size / elapsed, "data_wait": self.wait / elapsed,
+                 "eta_s": steps_left * elapsed / max(self.steps, 1)}
+        self.start, self.images, self.steps, self.wait = now, 0, 0, 0.0
+        return speed
 
 
 class Trainer:
@@ -216,32 +328,40 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         micro_batches, images_seen = 0, 0
         start = time.perf_counter()
+        meter = IntervalMeter(start)
         limit = self.steps_per_epoch * cfg.engine.grad_accum  # a partial accumulation never spills over
-        for i, (images, targets) in enumerate(self.train_loader):
-            if i >= limit or self._done():
+        batches = iter(self.train_loader)
+        for i in range(limit):
+            if self._done():
                 break
+            wait_start = time.perf_counter()
+            try:
+                images, targets = next(batches)
+            except StopIteration:
+                break
+            meter.waited(time.perf_counter() - wait_start)
             terms, stepped = self.train_step(images, targets)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
             micro_batches += 1
             images_seen += images.shape[0]
+            meter.add(images.shape[0], stepped)
             if stepped:
                 log_now = self.state.step % cfg.run.log_every == 0
+                # The float() calls are the step's only host syncs, once per logging interval.
                 shown = {k: float(v) for k, v in terms.items()} if log_now else {}
-                self.log.step(self.state.step, epoch, shown, self.scheduler.get_last_lr()[0], log_now)
+                speed = meter.report(time.perf_counter(), self.dist.world_size,
+                                     self._steps_left()) if log_now else None
+                self.log.step(self.state.step, epoch, shown, self.scheduler.get_last_lr()[0], log_now, speed)
         self.log.end_epoch()
         elapsed = time.perf_counter() - start
-        # Epoch means of every term and global throughput, averaged over ranks.
-        keys = sorted(sums)
-        packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in keys] +
-                             [torch.tensor(float(micro_batches), dtype=torch.float64),
-                              torch.tensor(float(images_seen), dtype=torch.float64)]).to(self.device)
-        D.all_reduce_mean_([packed])
-        n = max(packed[-2].item(), 1.0)
-        world = self.dist.world_size
-        means = {k: packed[i].item() / n for i, k in enumerate(keys)}
-        means["images_per_sec"] = packed[-1].item() * world / max(elapsed, 1e-9)
-        return means
+        return reduce_epoch_means(sums, micro_batches, images_seen, elapsed, self.device)
+
+    def _steps_left(self) -> int:
+        total = self.cfg.schedule.epochs * self.steps_per_epoch
+        if self.cfg.run.max_steps is not None:
+            total = min(total, self.cfg.run.max_steps)
+        return max(total - self.state.step, 0)
 
     def _done(self) -> bool:
         return self.cfg.run.max_steps is not None and self.state.step >= self.cfg.run.max_steps

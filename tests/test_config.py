@@ -9,7 +9,7 @@ import pytest
 from spnet_dist import config as C
 from spnet_dist.config import (
     Config, ConfigError, deepspeed_config, load_config, micro_batch_size, parse_args, save_config,
-    to_dict, validate,
+    to_dict, validate, zero_bucket_size,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -161,15 +161,63 @@ def test_deepspeed_precision_uses_torch_autocast_only(precision: str, enabled: b
 
 def test_deepspeed_zero_and_clipping():
     cfg = Config()
-    ds = deepspeed_config(cfg, 2)
-    assert ds["zero_optimization"] == {"stage": 1}
+    ds = deepspeed_config(cfg, 2, num_parameters=1_700_000)
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1_700_000,
+                                       "allgather_bucket_size": 1_700_000}
     assert ds["gradient_clipping"] == 0.0 and ds["zero_allow_untested_optimizer"] is True
     assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 10**6
     cfg.engine.zero_stage, cfg.engine.clip_grad = 2, 5.0
-    ds = deepspeed_config(cfg, 2)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
-                                       "ignore_unused_parameters": True}
+    ds = deepspeed_config(cfg, 2, num_parameters=1_700_000)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1_700_000,
+                                       "allgather_bucket_size": 1_700_000, "overlap_comm": False,
+                                       "contiguous_gradients": True, "ignore_unused_parameters": True}
     assert ds["gradient_clipping"] == 5.0
+
+
+def test_zero_buckets_are_sized_from_the_model_not_for_llms():
+    # Finding 6: DeepSpeed's 5e8-element default staged ~2 GB of fp32 for a 25M-parameter ResNet-50.
+    cfg = Config()
+    resnet50 = 25_557_032
+    zero = deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == resnet50
+    assert zero_bucket_size(cfg, 10**10) == 500_000_000  # never above DeepSpeed's own default
+    cfg.engine.bucket_size = 4_000_000  # an explicit value wins over the model size
+    assert deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]["reduce_bucket_size"] == 4_000_000
+    cfg.engine.zero_stage = 0  # ZeRO 0 has no ZeRO buckets
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]
+    cfg = Config()
+    cfg.engine.bucket_size = 0
+    with pytest.raises(ConfigError, match=r"^engine\.bucket_size: 0 is invalid"):
+        validate(cfg, 1, check_paths=False)
+
+
+def test_deepspeed_throughput_timer_is_off():
+    # Finding 4: enabled and synchronized by default, it synchronises the device every micro-batch.
+    assert deepspeed_config(Config(), 1)["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+
+
+@pytest.mark.parametrize("global_batch,accum,world", [(1, 1, 1), (128, 1, 128), (128, 2, 64), (8, 4, 2)])
+def test_micro_batch_of_one_is_rejected_with_the_batches_that_work(global_batch, accum, world):
+    # Finding 2: the router's BatchNorm1d cannot normalise one sample in training.
+    cfg = Config()
+    cfg.engine.global_batch_size, cfg.engine.grad_accum = global_batch, accum
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world, check_paths=False)
+    message = str(err.value)
+    assert message.startswith(f"engine.global_batch_size: {global_batch} gives a micro-batch of 1 per rank")
+    assert f"multiple of 2 x {accum * world} = {2 * accum * world}" in message and "\n" not in message
+    cfg.engine.global_batch_size = 2 * accum * world  # the smallest batch it names works
+    validate(cfg, world, check_paths=False)
+
+
+def test_fp16_needs_zero_1_or_2():
+    # Finding 7: with ZeRO 0, DeepSpeed's GradScaler skips overflow steps without the engine noticing.
+    cfg = Config()
+    cfg.engine.precision, cfg.engine.zero_stage = "fp16", 0
+    with pytest.raises(ConfigError, match=r"^engine\.precision: 'fp16' needs engine\.zero_stage 1 or 2"):
+        validate(cfg, 1, check_paths=False)
+    cfg.engine.zero_stage = 1
+    validate(cfg, 1, check_paths=False)
 
 
 def test_world_size_from_environment(monkeypatch):

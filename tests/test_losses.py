@@ -476,3 +476,40 @@ def test_weights_of_zero_switch_teacher_terms_off():
     terms = SPNetCriterion(alpha=0.0, beta=0.0, gamma=0.0)(make_output(0), TARGET, make_output(1))
     assert set(terms) == {"cls", "total"}
     assert math.isfinite(terms["total"].item())
+
+
+def _loop_evolution_loss(features):
+    """The definition, pair by pair (the implementation is vectorised over pairs)."""
+    diffs = [b.float() - a.float() for a, b in zip(features[:-1], features[1:])]
+    return 0.5 * sum((1.0 - F.cosine_similarity(n, p, dim=-1)).mean() for p, n in zip(diffs[:-1], diffs[1:]))
+
+
+@pytest.mark.parametrize("m", [3, 4, 16, 54])
+def test_evolution_loss_vectorised_equals_the_pairwise_definition(m):
+    g = torch.Generator().manual_seed(m)
+    feats = [torch.randn(5, 12, generator=g).requires_grad_() for _ in range(m)]
+    fast, slow = evolution_loss(feats), _loop_evolution_loss(feats)  # both in fp32
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-6)
+    grads_fast = torch.autograd.grad(fast, feats)
+    grads_slow = torch.autograd.grad(slow, feats)
+    for a, b in zip(grads_fast, grads_slow):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_criterion_on_the_meta_device():
+    # Issue 6 CPU guard: every tensor the criterion creates must follow its inputs' device.
+    meta = torch.device("meta")
+    b, n, c, d = 4, 6, 10, 8
+    def output():
+        return SPNetOutput(
+            logits=torch.empty(b, c, device=meta), stage_logits=[torch.empty(b, c, device=meta) for _ in range(3)],
+            gate_probs=torch.empty(b, n, device=meta), gate_decisions=torch.empty(b, n, device=meta),
+            gate_logits=torch.empty(b, n, 2, device=meta), stage_features=[torch.empty(b, d, device=meta) for _ in range(3)],
+            block_features=[torch.empty(b, d, device=meta) for _ in range(n)], block_stage=(0, 0, 1, 1, 2, 2))
+    target = torch.empty(b, dtype=torch.long, device=meta)
+    for evo in ("stages", "blocks", "blocks_within_stage"):
+        for form in ("paper", "code"):
+            criterion = SPNetCriterion(path_form=form, logits_form=form, evo_strategy=evo, cost_weight=1.0,
+                                       target_rate=0.5, cost_form="hinge" if form == "code" else "two_sided")
+            terms = criterion(output(), target, output())
+            assert all(t.device == meta for t in terms.values())

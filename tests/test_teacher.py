@@ -301,3 +301,41 @@ def test_update_from_a_different_module_raises():
     with pytest.raises(ValueError, match="plain module"):
         teacher.update(wrapped)
     assert teacher.num_updates == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks and the cached update (issue 6)
+# ---------------------------------------------------------------------------------------------
+def test_teacher_copies_no_hooks_of_the_student():
+    # Finding 3: DeepSpeed hooks its module; copy.deepcopy carried the hooks into the teacher.
+    student = make_student()
+    calls = []
+    student.register_forward_pre_hook(lambda m, args, kwargs: calls.append("pre"), with_kwargs=True)
+    student.register_forward_hook(lambda m, args, out: calls.append("post"))
+    student[0].register_forward_hook(lambda m, args, out: calls.append("inner"))
+    student[4].register_full_backward_hook(lambda m, gi, go: None)
+    teacher = EMATeacher(student, 0.5)
+    teacher(torch.randn(4, 6, dtype=torch.float64))
+    assert calls == []
+    student(torch.randn(4, 6, dtype=torch.float64))
+    assert calls == ["pre", "inner", "post"]  # the student keeps its own hooks
+
+
+def test_cached_update_follows_in_place_changes_and_rebinds_to_another_student():
+    student = make_student()
+    teacher = EMATeacher(student, 0.5)
+    perturb(student, seed=3)
+    expected = {k: 0.5 * v + 0.5 * s for (k, v), s in zip(snapshot(teacher.module).items(),
+                                                          snapshot(student).values())}
+    teacher.update(student)  # binds and caches the tensor lists
+    with torch.no_grad():  # replace a parameter's storage, as ZeRO does with flat buffers
+        student[0].weight.data = student[0].weight.data.clone() + 1.0
+    before = teacher.module[0].weight.clone()
+    teacher.update(student)
+    torch.testing.assert_close(teacher.module[0].weight, 0.5 * before + 0.5 * student[0].weight, **TIGHT64)
+    assert torch.equal(teacher.module[1].running_mean, student[1].running_mean)  # copy rule
+    other = make_student(seed=5)
+    teacher.update(other)  # another module of the same architecture: rebinds
+    torch.testing.assert_close(teacher.module[4].bias,
+                               0.5 * (0.5 * expected["4.bias"] + 0.5 * student[4].bias) + 0.5 * other[4].bias,
+                               **TIGHT64)

@@ -1,26 +1,43 @@
-"""Benchmark: cost of a full SP-Net training step relative to a vanilla gated step.
+"""Benchmark: cost of a full SP-Net training step relative to a vanilla gated step, before and
+after the hot-path changes of issue 6, with the host-device synchronisations of each step.
 
-Both steps run the same gated model through the same DeepSpeed engine in this process; the
-vanilla step switches off what SP-Net adds (the EMA teacher with L_path/L_logits, the stage
-classifiers, L_evo). Printed: median seconds per step of each, their ratio, and where the
-extra time goes (teacher forward, teacher EMA update, the extra loss terms and their backward).
+Every variant runs the same gated model through the same DeepSpeed engine in this process:
+
+* ``vanilla``: what SP-Net adds switched off (EMA teacher, L_path/L_logits, stage classifiers, L_evo);
+* ``before``: the full step as it was: the teacher deep-copied WITH the student engine's forward
+  hooks, DeepSpeed's synchronized throughput timer on, the per-step name-matching EMA update
+  and the Python loop over L_evo pairs (both kept below, callable, for this comparison);
+* ``after``: the full step as it is now.
+
+Both full variants run the teacher on the masked path (every teacher block executed: the
+worst case on CPU and the CUDA default), so the ratio bounds the cost at any execution rate;
+``after-skip`` adds the CPU default (closed teacher blocks skipped). Variants are timed in
+interleaved rounds (each round runs every variant for ``--steps`` steps); the median round is
+reported, so a load change on the shared machine hits every variant alike.
 
     python tools/bench_step.py                   # CIFAR ResNet-110 (32 px) and ResNet-50 (112 px)
-    python tools/bench_step.py --steps 10 --precision bf16
+    python tools/bench_step.py --case resnet50@112 --rounds 7
 
 No assertion: a benchmark reports, it does not pass or fail.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
+from typing import Callable, Sequence
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 
 from spnet_dist import distributed as D
+from spnet_dist import losses, train
 from spnet_dist.config import load_config
+from spnet_dist.device_audit import HostSyncCounter
+from spnet_dist.teacher import EMATeacher
 from spnet_dist.train import SPNetStep, build_model, seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,66 +49,170 @@ CASES = {
 }
 
 
-def _median_seconds(fn, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# ------------------------------------------------------------------ the implementations replaced
+@torch.no_grad()
+def legacy_teacher_update(teacher: EMATeacher, student: torch.nn.Module) -> None:
+    """The EMA update before issue 6: names matched and tensors cast every step, buffers copied one by one."""
+    weight = 1.0 - teacher.momentum
+
+    def matching(named, like):
+        pairs = list(named)
+        assert [n for n, _ in pairs] == [n for n, _ in like]
+        return [s.detach().to(device=t.device, dtype=t.dtype) for (_, s), (_, t) in zip(pairs, like)]
+
+    t_named = list(teacher.module.named_parameters())
+    torch._foreach_lerp_([t for _, t in t_named], matching(student.named_parameters(), t_named), weight)
+    t_bufs = list(teacher.module.named_buffers())
+    for (_, t), s in zip(t_bufs, matching(student.named_buffers(), t_bufs)):
+        t.copy_(s)
+    teacher.num_updates += 1
 
 
-def bench_case(config: str, size: int, batch: int, precision: str, steps: int, warmup: int) -> dict[str, float]:
-    common = [f"data.image_size={size}", f"engine.global_batch_size={batch}", f"engine.precision={precision}",
-              "engine.zero_stage=0", "model.router_dropout=0.4"]
-    results = {}
-    for label, extra in (("full", []), ("vanilla", VANILLA)):
-        cfg = load_config(REPO / config, common + extra, check_paths=False, world_size=1)
+def legacy_evolution_loss(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """L_evo before issue 6: a Python loop over consecutive pairs of differences."""
+    if len(features) < 3:
+        return torch.zeros((), device=features[0].device if features else None)
+    fs = [f.float() for f in features]
+    diffs = [b - a for a, b in zip(fs[:-1], fs[1:])]
+    total = 0.0
+    for d_prev, d_next in zip(diffs[:-1], diffs[1:]):
+        total = total + (1.0 - F.cosine_similarity(d_next, d_prev, dim=-1)).mean()
+    return 0.5 * total
+
+
+def _ds_config_before(*args, **kwargs) -> dict:
+    ds = train_deepspeed_config(*args, **kwargs)
+    ds.pop("timers")  # DeepSpeed's default: throughput timer enabled and synchronized
+    return ds
+
+
+train_deepspeed_config = train.deepspeed_config
+
+
+# ------------------------------------------------------------------ variants
+class Variant:
+    """One SPNetStep plus the patches that make it behave as ``label`` says."""
+
+    def __init__(self, label: str, cfg, before: bool = False) -> None:
+        self.label = label
+        self.before = before
         seed_everything(0)
-        step = SPNetStep(cfg, build_model(cfg), torch.device("cpu"), world_size=1, steps_per_epoch=1000)
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(batch, 3, size, size, generator=g)
-        targets = torch.randint(0, cfg.model.num_classes, (batch,), generator=g)
-        results[label] = _median_seconds(lambda: step(images, targets), steps, warmup)
-        if step.teacher is not None:  # break the extra time down
-            teacher = step.teacher
-            with torch.no_grad():
-                results["teacher_forward"] = _median_seconds(lambda: teacher(images), steps, 1)
-                # an eval-mode teacher skips its closed blocks: its cost depends on this rate
-                results["teacher_exec_rate"] = teacher(images).gate_decisions.mean().item()
-                teacher.module.set_gate_override(True)  # worst case: the teacher runs every block
-                results["teacher_forward_all_open"] = _median_seconds(lambda: teacher(images), steps, 1)
-                teacher.module.set_gate_override(None)
-            results["teacher_update"] = _median_seconds(lambda: teacher.update(step.model), steps, 1)
-    results["ratio"] = results["full"] / results["vanilla"]
-    results["ratio_all_open"] = (results["full"] - results["teacher_forward"]
-                                 + results["teacher_forward_all_open"]) / results["vanilla"]
-    results["other_extra"] = results["full"] - results["vanilla"] - results["teacher_forward"] - results["teacher_update"]
-    return results
+        patches = [mock.patch.object(train, "deepspeed_config", _ds_config_before),
+                   mock.patch("spnet_dist.teacher.remove_module_hooks", lambda module: None)] if before else []
+        with contextlib.ExitStack() as stack:
+            for p in patches:
+                stack.enter_context(p)
+            self.step = SPNetStep(cfg, build_model(cfg), torch.device("cpu"), world_size=1, steps_per_epoch=1000)
+        if before and self.step.teacher is not None:
+            teacher = self.step.teacher
+            teacher.update = lambda student: legacy_teacher_update(teacher, student)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        with (mock.patch.object(losses, "evolution_loss", legacy_evolution_loss) if self.before
+              else contextlib.nullcontext()):
+            self.step(images, targets)
+
+
+def _seconds(fn: Callable[[], object], n: int) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - start) / n
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
+    """Median over ``rounds`` of the mean seconds per call; every round runs every function."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(_seconds(fn, per_round))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def syncs_per_step(variant: Variant, images, targets, steps: int = 2) -> dict[str, float]:
+    with HostSyncCounter() as counter:
+        for _ in range(steps):
+            variant(images, targets)
+    return {k: v / steps for k, v in sorted(counter.counts.items())}
+
+
+def bench_case(config: str, size: int, batch: int, precision: str, rounds: int, steps: int,
+               warmup: int) -> dict[str, object]:
+    common = [f"data.image_size={size}", f"engine.global_batch_size={batch}", f"engine.precision={precision}",
+              "engine.zero_stage=0"]
+    load = lambda extra: load_config(REPO / config, common + extra, check_paths=False, world_size=1)  # noqa: E731
+    variants = {
+        "vanilla": Variant("vanilla", load(VANILLA)),
+        "before": Variant("before", load(["teacher.execution=masked"]), before=True),
+        "after": Variant("after", load(["teacher.execution=masked"])),
+        "after-skip": Variant("after-skip", load(["teacher.execution=skip"])),
+    }
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=g)
+    targets = torch.randint(0, variants["after"].step.model.num_classes, (batch,), generator=g)
+    for v in variants.values():  # warm-up, and past DeepSpeed's throughput-timer start_step (2)
+        for _ in range(max(warmup, 3)):
+            v(images, targets)
+    r: dict[str, object] = {"step": interleaved({k: (lambda v=v: v(images, targets)) for k, v in variants.items()},
+                                                rounds, steps)}
+    r["syncs"] = {k: syncs_per_step(variants[k], images, targets) for k in ("before", "after", "after-skip")}
+
+    # Components of the extra time, on the "after" step's own teacher and student.
+    step = variants["after"].step
+    teacher = step.teacher
+    with torch.no_grad():
+        teacher.module.set_execution("masked")
+        r["teacher_forward"] = interleaved({"masked": lambda: teacher(images)}, rounds, steps)["masked"]
+    r["update"] = interleaved({"before": lambda: legacy_teacher_update(teacher, step.model),
+                               "after": lambda: teacher.update(step.model)}, rounds, steps)
+    # L_evo forward + backward on the widest chain the model offers: every block ('blocks' strategy).
+    n_blocks, dim = step.model.num_blocks, step.model.num_features
+    feats = [torch.randn(batch, dim, generator=g).requires_grad_() for _ in range(n_blocks)]
+    r["evo"] = interleaved({"before": lambda: legacy_evolution_loss(feats).backward(),
+                            "after": lambda: losses.evolution_loss(feats).backward()}, rounds, 5 * steps)
+    heads = sum(p.numel() for p in step.model.aux_heads.parameters())
+    r["params"] = (sum(p.numel() for p in step.model.parameters()) - heads, heads)
+    r["n_blocks"] = n_blocks
+    return r
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median reported)")
+    parser.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (at least 3)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                         help="autocast precision (CPU bf16 convolutions are slow; fp32 is the CPU default)")
     parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all cases")
     args = parser.parse_args()
     D.init_distributed("gloo")
-    print(f"threads={torch.get_num_threads()} precision={args.precision} steps={args.steps} (median)")
+    print(f"threads={torch.get_num_threads()} precision={args.precision} "
+          f"median of {args.rounds} interleaved rounds x {args.steps} steps")
     for name in args.case or CASES:
         config, size, batch = CASES[name]
-        r = bench_case(config, size, batch, args.precision, args.steps, args.warmup)
-        extra = r["full"] - r["vanilla"]
-        print(f"{name} batch {batch}: full {r['full']:.3f} s/step, vanilla {r['vanilla']:.3f} s/step, "
-              f"ratio {r['ratio']:.3f}x")
-        print(f"  extra {extra:.3f} s = teacher forward {r['teacher_forward']:.3f} + teacher EMA update "
-              f"{r['teacher_update']:.3f} + stage heads/L_evo/L_path/L_logits and their backward {r['other_extra']:.3f}")
-        print(f"  teacher execution rate {r['teacher_exec_rate']:.2f} (an eval-mode teacher skips closed blocks); "
-              f"with every teacher block executed: teacher forward {r['teacher_forward_all_open']:.3f} s, "
-              f"ratio {r['ratio_all_open']:.3f}x")
+        r = bench_case(config, size, batch, args.precision, args.rounds, args.steps, args.warmup)
+        t = r["step"]
+        van = t["vanilla"]
+        print(f"\n{name} batch {batch}: vanilla {van:.3f} s/step")
+        for k in ("before", "after", "after-skip"):
+            note = " (teacher skips closed blocks)" if k == "after-skip" else " (every teacher block executed)"
+            print(f"  {k:10s} {t[k]:.3f} s/step  ratio {t[k] / van:.3f}x{note}")
+        for k, counts in r["syncs"].items():
+            shown = ", ".join(f"{n} {c:g}" for n, c in counts.items()) or "none"
+            print(f"  host syncs per step, {k:10s}: {shown}")
+        up, evo = r["update"], r["evo"]
+        print(f"  teacher EMA update: before {1e3 * up['before']:.1f} ms, after {1e3 * up['after']:.1f} ms "
+              f"({up['before'] / up['after']:.2f}x)")
+        print(f"  L_evo fwd+bwd over {r['n_blocks']} block features: before {1e3 * evo['before']:.2f} ms, "
+              f"after {1e3 * evo['after']:.2f} ms ({evo['before'] / evo['after']:.2f}x)")
+        extra = t["after"] - van
+        rest = extra - r["teacher_forward"] - up["after"]
+        backbone, heads = r["params"]
+        print(f"  after: extra {extra:.3f} s = teacher forward {r['teacher_forward']:.3f} + EMA update "
+              f"{up['after']:.3f} + stage heads/L_path/L_logits/L_evo with backward and optimizer {rest:.3f}")
+        print(f"  stage heads hold {heads / 1e6:.2f} M parameters next to the network's {backbone / 1e6:.2f} M: "
+              f"SGD, gradient bucketing and the EMA cover {100 * heads / backbone:.0f} % more tensors "
+              f"whatever the batch size")
     D.destroy()
 
 

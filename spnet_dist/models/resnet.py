@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import GatedBasicBlock, GatedBlock, GatedBottleneck
+from .gates import autocast_off
 from .output import SPNetOutput
 
 # Keys a torchvision ResNet does not have: routers and the training-only heads.
@@ -193,14 +194,17 @@ class GatedResNet(nn.Module):
                     block_features.append(self.block_aligners[stage_idx](block_pooled[-1]))  # (B, D)
             stage_pooled.append(x.mean(dim=(2, 3)))  # (B, C_k)
 
-        final = stage_pooled[-1]  # (B, D); a_K is the identity
-        logits = self.fc(final)
-        stage_features, stage_logits = [], []
-        if self.aux_heads is not None:
-            for head, pooled in zip(self.aux_heads, stage_pooled[:-1]):
-                aligned = head.align(pooled)  # (B, D)
-                stage_features.append(aligned)
-                stage_logits.append(head.fc(aligned))
+        # Heads in fp32 with autocast off: the losses compare their logits (and the exported fp32
+        # model's argmax) to bf16 rounding otherwise; they are a few Linear layers on pooled features.
+        with autocast_off(x.device):
+            final = stage_pooled[-1].float()  # (B, D); a_K is the identity
+            logits = self.fc(final)
+            stage_features, stage_logits = [], []
+            if self.aux_heads is not None:
+                for head, pooled in zip(self.aux_heads, stage_pooled[:-1]):
+                    aligned = head.align(pooled.float())  # (B, D)
+                    stage_features.append(aligned)
+                    stage_logits.append(head.fc(aligned))
         stage_features.append(final)
         stage_logits.append(logits)
         return SPNetOutput(

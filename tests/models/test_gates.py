@@ -138,3 +138,22 @@ def test_force_overrides_decisions():
 def test_bad_router_options(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Router(4, **kwargs)
+
+
+def test_bf16_autocast_does_not_change_router_decisions():
+    # Issue 6, finding 8: fc2 ran in bf16 under autocast and .float() only upcast rounded logits,
+    # so near-tie inputs decided differently from the fp32 (exported) model. The router now runs
+    # in fp32 with autocast off: the same input gives bit-identical logits and decisions.
+    torch.manual_seed(0)
+    router = Router(64).eval()
+    with torch.no_grad():  # a near-tie router: execute and skip logits differ by ~1e-3
+        router.fc2.weight[1].copy_(router.fc2.weight[0] + 1e-3 * torch.randn(128))
+        router.fc2.bias.zero_()
+    x = torch.randn(20_000, 64, 1, 1)
+    fp32 = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = router(x)
+    assert bf16.logits.dtype == torch.float32
+    assert torch.equal(bf16.logits, fp32.logits)
+    assert torch.equal(bf16.decision, fp32.decision)
+    assert 0 < fp32.decision.sum() < len(x)  # a real mix of decisions, not all one way

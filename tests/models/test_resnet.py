@@ -168,3 +168,26 @@ def test_bad_input_shape_is_a_clear_error(shape):
 def test_imagenet_model_rejects_tiny_images():
     with pytest.raises(ValueError, match="H, W >= 32"):
         create_model("spnet_resnet50").eval().forward_features(torch.randn(1, 3, 16, 16))
+
+
+def test_classifier_heads_run_in_fp32_under_bf16_autocast():
+    # Issue 6, finding 8: the heads whose logits the losses compare run with autocast off.
+    torch.manual_seed(0)
+    model = create_model("spnet_cifar_resnet20").eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 16, 16))
+    assert all(y.dtype == torch.float32 for y in out.stage_logits)
+    assert all(f.dtype == torch.float32 for f in out.stage_features)
+    # exactly the fp32 computation on the same (pooled, upcast) features
+    torch.testing.assert_close(out.logits, model.fc(out.stage_features[-1]), rtol=0, atol=0)
+    for head, feature, logits in zip(model.aux_heads, out.stage_features[:-1], out.stage_logits[:-1]):
+        torch.testing.assert_close(logits, head.fc(feature), rtol=0, atol=0)
+
+
+def test_masked_forward_on_the_meta_device():
+    # The CPU guard of issue 6: a tensor created without a device inside the forward would land on
+    # the CPU and meet 'meta' activations (as it would meet CUDA ones): torch raises on the mix.
+    model = create_model("spnet_cifar_resnet20").to("meta").train()
+    out = model(torch.empty(4, 3, 16, 16, device="meta"))
+    tensors = [out.logits, out.gate_probs, out.gate_decisions, out.gate_logits, *out.stage_logits]
+    assert all(t.device.type == "meta" for t in tensors)

@@ -1,0 +1,185 @@
+"""SPNetStep on CPU as a GPU would run it: host syncs, the teacher's hooks and execution path,
+skipped fp16 steps, tensors created without a device (issue 6, findings 1 and 3-7)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spnet_dist import train
+from spnet_dist.config import load_config
+from spnet_dist.device_audit import DeviceAudit, HostSyncCounter
+from spnet_dist.train import SPNetStep, build_model, resolve_teacher_execution, seed_everything
+
+from .conftest import REPO_ROOT
+
+pytestmark = pytest.mark.usefixtures("own_process_group")
+
+BATCH, SIZE = 8, 16
+
+
+@pytest.fixture(autouse=True)
+def reset_deepspeed_autocast_state():
+    """DeepSpeed keeps the torch_autocast dtype in module globals: reset after an fp16 engine."""
+    yield
+    import deepspeed.runtime.torch_autocast as ds_autocast
+
+    ds_autocast.TORCH_AUTOCAST_INITIALIZED = False
+    ds_autocast.TORCH_AUTOCAST_DTYPE = None
+
+
+def make_step(*overrides: str) -> SPNetStep:
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
+                      [f"engine.global_batch_size={BATCH}", f"data.image_size={SIZE}", *overrides],
+                      check_paths=False, world_size=1)
+    seed_everything(0)
+    return SPNetStep(cfg, build_model(cfg), torch.device("cpu"), world_size=1, steps_per_epoch=100)
+
+
+def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+
+
+def engine_hooks(module: torch.nn.Module) -> int:
+    return sum(len(getattr(m, name)) for m in module.modules()
+               for name in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks"))
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_training_step_never_synchronises_the_device(stage):
+    # Findings 3 and 4: DeepSpeed's synchronized throughput timer and the teacher's copied engine
+    # hooks made 3 accelerator.synchronize() calls per step (counted on the CPU accelerator; the
+    # timer starts after 2 steps). Expected now: none, and no value read either with the
+    # masked teacher (ZeRO 1/2 read one flag per step inside DeepSpeed's step: counted apart).
+    step = make_step(f"engine.zero_stage={stage}", "teacher.execution=masked")
+    images, targets = batch()
+    for _ in range(3):  # past the timer's start_step
+        step(images, targets)
+    with HostSyncCounter() as syncs:
+        for _ in range(3):
+            step(images, targets)
+    assert syncs.counts["accelerator.synchronize"] == 0
+    assert syncs.counts["nonzero"] == 0 and syncs.counts["item"] == 0 and syncs.counts["float"] == 0
+
+
+def test_teacher_carries_none_of_the_engines_hooks():
+    # Finding 3: copy.deepcopy(engine.module) copied DeepSpeed's forward pre/post hooks.
+    step = make_step()
+    assert engine_hooks(step.model) >= 2  # the engine's prologue/epilogue on the student
+    assert engine_hooks(step.teacher.module) == 0
+    calls = []
+    step.engine._forward_prologue = lambda *a, **k: calls.append("prologue")  # would be reached via the hook
+    step.teacher(batch()[0])
+    assert calls == []
+
+
+def test_teacher_execution_path_is_a_config_choice():
+    # Finding 5: the eval-mode teacher's skip path costs a nonzero() host sync per block.
+    assert resolve_teacher_execution("auto", torch.device("cuda")) == "masked"
+    assert resolve_teacher_execution("auto", torch.device("cpu")) == "skip"
+    images, targets = batch()
+    for choice, mode, nonzeros in (("masked", "masked", 0), ("skip", "skip", 9), ("auto", "skip", 9)):
+        step = make_step(f"teacher.execution={choice}")
+        assert {b.execution for b in step.teacher.module.gated_blocks()} == {mode}
+        assert {b.execution for b in step.model.gated_blocks()} == {"masked"}  # the student never skips
+        with HostSyncCounter(patch_accelerator=False) as syncs:
+            step.teacher(images)
+        assert syncs.counts["nonzero"] == nonzeros  # ResNet-20: 9 gated blocks
+
+
+def test_skip_and_masked_teachers_give_the_same_outputs():
+    step = make_step("teacher.execution=masked")
+    images = batch()[0]
+    masked = step.teacher(images)
+    step.teacher.module.set_execution("skip")
+    skipped = step.teacher(images)
+    torch.testing.assert_close(skipped.logits, masked.logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(skipped.gate_decisions, masked.gate_decisions)
+
+
+def test_an_fp16_overflow_step_is_not_counted(tiny_config):
+    # Finding 7: with fp16 and ZeRO 1/2 DeepSpeed skips an overflow step (scheduler not stepped);
+    # the trainer still counted it and moved the teacher.
+    trainer = train.Trainer(tiny_config("engine.precision=fp16", "engine.zero_stage=1", "engine.global_batch_size=8",
+                                        "schedule.warmup_epochs=0.5"))
+    images, targets = batch()
+    images = images[:, :, :8, :8]
+    _, applied = trainer.train_step(images, targets)
+    assert applied and trainer.state.step == 1 and trainer.teacher.num_updates == 1
+    lr = trainer.scheduler.get_last_lr()[0]
+    teacher_before = [t.clone() for t in trainer.teacher.module.parameters()]
+    fc = trainer.model.fc.weight
+    handle = fc.register_hook(lambda g: torch.full_like(g, float("inf")))  # an overflowing gradient
+    _, applied = trainer.train_step(images, targets)
+    handle.remove()
+    assert trainer.engine.skipped_steps == 1 and not trainer.engine.was_step_applied()
+    assert not applied and trainer.step_fn.skipped_steps == 1
+    assert trainer.state.step == 1 and trainer.teacher.num_updates == 1
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, trainer.teacher.module.parameters()))
+    assert trainer.scheduler.get_last_lr()[0] == lr  # the step that was not taken used no LR
+    _, applied = trainer.train_step(images, targets)
+    assert applied and trainer.state.step == 2 and trainer.teacher.num_updates == 2
+
+
+def test_one_training_epoch_and_evaluation_name_the_device_of_every_tensor(tiny_config):
+    # Finding 1 and the CPU guard: every tensor our train/eval code creates must name its device,
+    # or the first CUDA run mixes devices (torch.stack of CUDA loss sums and CPU counters).
+    trainer = train.Trainer(tiny_config("run.max_steps=2"))
+    trainer.val_loader = [next(iter(trainer.val_loader))]  # one batch is enough to audit
+    with DeviceAudit() as audit:
+        trainer.train_epoch(0)
+        trainer.evaluate()
+    assert audit.violations == []
+
+
+def test_epoch_reduction_on_the_meta_device():
+    # The epoch-end crash reproduced without a GPU: sums on 'meta' stand in for CUDA tensors.
+    meta = torch.device("meta")
+    sums = {"total": torch.zeros((), device=meta), "cls": torch.zeros((), device=meta)}
+    keys, packed = train.pack_epoch_sums(sums, micro_batches=3, images=24, device=meta)
+    assert keys == ["cls", "total"] and packed.device == meta and packed.shape == (4,)
+    assert packed.dtype == torch.float64
+    keys, packed = train.pack_epoch_sums({"total": torch.tensor(6.0)}, 3, 24, torch.device("cpu"))
+    assert packed.tolist() == [6.0, 3.0, 24.0]
+    means = train.reduce_epoch_means({"total": torch.tensor(6.0)}, 3, 24, 2.0, torch.device("cpu"))
+    assert means == {"total": 2.0, "images_per_sec": 12.0}
+
+
+def test_interval_meter_reports_throughput_data_wait_and_eta():
+    meter = train.IntervalMeter(start=10.0)
+    for _ in range(4):
+        meter.waited(0.25)
+        meter.add(images=8, stepped=True)
+    speed = meter.report(now=14.0, world_size=2, steps_left=100)
+    assert speed == {"images_per_sec": 32 * 2 / 4.0, "data_wait": 0.25, "eta_s": 100.0}
+    meter.add(images=8, stepped=False)  # a new interval starts at the report
+    assert meter.report(now=15.0, world_size=1, steps_left=0)["images_per_sec"] == 8.0
+
+
+@pytest.mark.parametrize("world,overrides", [(1, ["engine.global_batch_size=1"]),
+                                             (4, ["engine.global_batch_size=4"]),
+                                             (2, ["engine.global_batch_size=4", "engine.grad_accum=2"])])
+def test_cli_rejects_a_micro_batch_of_one_before_writing_anything(tmp_path, capsys, monkeypatch, world, overrides):
+    # Acceptance 2: exit 2 with one line naming the field, before any file or process group.
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    out_dir = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        train.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *overrides, f"run.out_dir={out_dir}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spnet-train: error: ") or "error: " in err[-1]
+    assert "engine.global_batch_size:" in err[-1] and "micro-batch of 1 per rank" in err[-1]
+    assert not out_dir.exists()
+
+
+@pytest.mark.slow
+def test_masked_training_forward_compiles_as_one_graph():
+    # engine.compile: the student's masked forward, Gumbel sampling included, is one graph with no
+    # break (what torch.compile needs to fuse it); the eval skip path breaks at every nonzero().
+    import torch._dynamo as dynamo
+
+    model = build_model(load_config(REPO_ROOT / "configs" / "demo.yaml", [], check_paths=False, world_size=1)).train()
+    explained = dynamo.explain(model)(torch.randn(4, 3, SIZE, SIZE))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+    model.eval().set_execution("skip")
+    assert dynamo.explain(model)(torch.randn(4, 3, SIZE, SIZE)).graph_break_count >= model.num_blocks
