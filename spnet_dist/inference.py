@@ -44,7 +44,7 @@ def read_export_config(path: Union[str, Path]) -> dict[str, Any]:
         ExportError: the file is missing, not JSON, or not an spnet-dist export.
     """
     path = Path(path)
-    config_path = path / CONFIG_FILE if path.is_dir() else path.parent / CONFIG_FILE
+    config_path = path.parent / CONFIG_FILE if path.is_file() else path / CONFIG_FILE
     if not config_path.is_file():
         raise ExportError(f"{config_path}: not found (an spnet-export directory holds {WEIGHTS_FILE} and {CONFIG_FILE})")
     try:
