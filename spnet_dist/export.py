@@ -296,7 +296,13 @@ def check_out(out: Path) -> None:
 
 
 def write_atomically(out: Path, files: dict[str, Any]) -> None:
-    """Write ``files`` (name -> state dict or JSON-able dict) to a temporary sibling, then rename it to ``out``."""
+    """Write ``files`` to a temporary sibling, then rename it to ``out``.
+
+    Args:
+        out: the directory to create.
+        files: name -> a state dict (``.safetensors``), a JSON-able dict, or a callable
+            writing the file at the path it is given.
+    """
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +312,9 @@ def write_atomically(out: Path, files: dict[str, Any]) -> None:
     try:
         for name, content in files.items():
             path = tmp / name
-            if name.endswith(".safetensors"):
+            if callable(content):
+                content(path)
+            elif name.endswith(".safetensors"):
                 save_file(content, str(path), metadata={"format": "pt"})
             else:
                 path.write_text(json.dumps(content, indent=2) + "\n")
@@ -320,7 +328,7 @@ def write_atomically(out: Path, files: dict[str, Any]) -> None:
 
 
 def export(run_dir: str | Path, out: str | Path, tag: str = "final", weights: str = "student",
-           static: bool = False) -> Path:
+           static: bool = False, onnx: bool = False) -> Path:
     """Export one checkpoint of a run for inference.
 
     Args:
@@ -329,6 +337,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "final", weights: st
         tag: ``final``, ``best``, ``latest`` or a tag directory name.
         weights: ``student`` (the trained network) or ``teacher`` (its EMA).
         static: write a torchvision ResNet state dict (routers dropped, every block kept).
+        onnx: also write ``model.masked.onnx``, the dense form (computes every block: no saving).
 
     Returns:
         ``out``.
@@ -360,7 +369,14 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "final", weights: st
     if static:
         slim_state = static_state(cfg.model.name, slim, cfg.model.num_classes)
     config = export_config(cfg, slim, weights, static, run_dir, ckpt)
-    write_atomically(out, {WEIGHTS_FILE: slim_state, CONFIG_FILE: config})
+    files: dict[str, Any] = {WEIGHTS_FILE: slim_state, CONFIG_FILE: config}
+    if onnx:
+        if static:
+            raise ExportError("--onnx: exports the gated network; drop --static")
+        from .export_onnx import ONNX_FILE, export_onnx
+
+        files[ONNX_FILE] = lambda path: export_onnx(slim, path, cfg.data.image_size)
+    write_atomically(out, files)
     return out
 
 
@@ -391,10 +407,13 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
                         help="which network to export (default: student)")
     parser.add_argument("--static", action="store_true",
                         help="torchvision ResNet state dict: routers dropped, every block kept (ImageNet models)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="also write OUT/model.masked.onnx: the dense masked form (computes every block, "
+                             "no saving) for runtimes that cannot branch; needs spnet-dist[onnx]")
     parser.add_argument("--out", required=True, metavar="OUT", help="export directory to create")
     args = parser.parse_args(argv)
     try:
-        out = export(args.run, args.out, args.tag, args.weights, args.static)
+        out = export(args.run, args.out, args.tag, args.weights, args.static, args.onnx)
     except ExportError as err:
         print(f"spnet-export: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -179,7 +179,8 @@ def test_zero0_checkpoint_round_trip(tiny_config, own_process_group, tmp_path):
     run = Path(cfg.run.out_dir)
     trainer.engine.save_checkpoint(str(run / "checkpoints"), tag="step_00000003")
     assert not list((run / "checkpoints" / "step_00000003").glob("*optim_states.pt"))  # no ZeRO shards
-    out = export.export(run, tmp_path / "zero0", tag="latest")
+    out = export.export(run, tmp_path / "zero0", tag="latest", onnx=True)
+    assert (out / "model.masked.onnx").stat().st_size > 0
     images = torch.stack([trainer.val_loader.dataset[i][0] for i in range(40)])
     trainer.model.eval()
     trainer.model.set_execution("skip")
