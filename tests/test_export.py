@@ -113,7 +113,7 @@ def test_spnet_eval_reproduces_the_trainers_final_evaluation(zero2_run, zero2_ex
     eval_model.cli(["--model", str(zero2_export), "--data", str(digits_root), "--batch-size", "50",
                     "--device", "cpu", "--out", str(one)])
     two = tmp_path / "two"
-    run_torchrun(Path(eval_model.__file__), 2, ["--model", str(zero2_export), "--data", str(digits_root),
+    run_torchrun("-m", 2, ["spnet_dist.eval_model", "--model", str(zero2_export), "--data", str(digits_root),
                                                 "--batch-size", "64", "--device", "cpu", "--out", str(two)])
     for out in (one, two):
         report = json.loads((out / "report.json").read_text())
