@@ -7,7 +7,9 @@ One run measures, on CPU, an exported SP-Net ResNet-50 at 224 px (``spnet_dist.l
   are other images, so rates and MACs are measured on them, not assumed);
 * masked ("dense": every block computed, multiplied by its 0/1 gate) and skipping runs
   interleaved repeat by repeat, at batch 1 and batch 32;
-* printed: median seconds (and min-max spread) of each, the measured speed-up, the ideal
+* printed: median seconds (and min-max spread) of each, the measured speed-up (median of the
+  per-repeat ratios masked/skip of adjacent runs, which cancels slow load changes on a shared
+  machine better than a ratio of medians; its min-max in brackets), the ideal
   speed-up 1 / MAC-ratio of the very same batches (MACs from ``spnet_dist.flops``), the
   fraction of ideal, and where the skipping forward spends its time (routers, gathers /
   scatter-adds, the rest) from ``torch.profiler``.
@@ -128,7 +130,7 @@ def main() -> None:
     timed = {b: torch.randn(b, 3, a.size, a.size, generator=g) for b in a.batches}
     print(f"SP-Net ResNet-50 at {a.size} px, CPU, {a.threads} thread(s), {a.repeats} interleaved repeats; "
           f"times are medians [min-max]")
-    print(f"{'rate':>5} {'batch':>5} {'exec':>6} {'masked s':>18} {'skip s':>18} {'speed-up':>8} "
+    print(f"{'rate':>5} {'batch':>5} {'exec':>6} {'masked s':>24} {'skip s':>24} {'speed-up':>20} "
           f"{'ideal':>6} {'of ideal':>8}")
     rows = []
     for rate in a.rates:
@@ -156,15 +158,17 @@ def main() -> None:
                 net.set_execution("skip")
                 parts = breakdown(net, x)
             med = {m: statistics.median(t) for m, t in times.items()}
-            speedup, ideal = med["masked"] / med["skip"], 1.0 / mac_ratio
+            ratios = [m / s for m, s in zip(times["masked"], times["skip"])]
+            speedup, ideal = statistics.median(ratios), 1.0 / mac_ratio
             spread = {m: f"{med[m]:.4f} [{min(t):.4f}-{max(t):.4f}]" for m, t in times.items()}
-            print(f"{rate:5.2f} {batch:5d} {decisions.mean().item():6.3f} {spread['masked']:>18} "
-                  f"{spread['skip']:>18} {speedup:8.3f} {ideal:6.3f} {speedup / ideal:8.3f}")
+            ratio_text = f"{speedup:.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+            print(f"{rate:5.2f} {batch:5d} {decisions.mean().item():6.3f} {spread['masked']:>24} "
+                  f"{spread['skip']:>24} {ratio_text:>20} {ideal:6.3f} {speedup / ideal:8.3f}", flush=True)
             rows.append((rate, batch, med, mac_ratio, parts))
     print("\nWhere a skipping forward spends its time (one profiled forward; profiler overhead included):")
     print(f"{'rate':>5} {'batch':>5} {'ideal s':>8} {'skip s':>8} {'routers':>8} {'gathers':>8} {'other':>8}")
     for rate, batch, med, mac_ratio, parts in rows:
-        ideal_s = med["masked"] * mac_ratio
+        ideal_s = med["masked"] * mac_ratio  # medians: indicative only
         print(f"{rate:5.2f} {batch:5d} {ideal_s:8.4f} {med['skip']:8.4f} {parts['routers'] / parts['wall']:8.1%} "
               f"{parts['gathers'] / parts['wall']:8.1%} {parts['other'] / parts['wall']:8.1%}")
     print("ideal s = masked median x MAC ratio; routers / gathers / other as shares of the profiled wall time "
