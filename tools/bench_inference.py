@@ -12,7 +12,12 @@ One run measures, on CPU, an exported SP-Net ResNet-50 at 224 px (``spnet_dist.l
   machine better than a ratio of medians; its min-max in brackets), the ideal
   speed-up 1 / MAC-ratio of the very same batches (MACs from ``spnet_dist.flops``), the
   fraction of ideal, and where the skipping forward spends its time (routers, gathers /
-  scatter-adds, the rest) from ``torch.profiler``.
+  scatter-adds, the rest) from ``torch.profiler``;
+* the kernel-time bound: all blocks closed (fixed layers only: stem, projection shortcuts,
+  routers, head) and all blocks open, timed with the same model, give the time the skipping
+  forward would take if it had no overhead at all, T_closed + (T_open - T_closed) x (executed
+  residual MACs / all residual MACs). The ideal 1 / MAC-ratio assumes instead that every layer
+  runs at the same speed per MAC; the fixed layers do not (memory-bound projections, the stem).
 
     python tools/bench_inference.py                       # rates 0.5 and 0.75, batches 1 and 32
     python tools/bench_inference.py --repeats 3 --rates 0.5 --batches 1
@@ -164,13 +169,28 @@ def main() -> None:
             ratio_text = f"{speedup:.3f} [{min(ratios):.2f}-{max(ratios):.2f}]"
             print(f"{rate:5.2f} {batch:5d} {decisions.mean().item():6.3f} {spread['masked']:>24} "
                   f"{spread['skip']:>24} {ratio_text:>20} {ideal:6.3f} {speedup / ideal:8.3f}", flush=True)
-            rows.append((rate, batch, med, mac_ratio, parts))
-    print("\nWhere a skipping forward spends its time (one profiled forward; profiler overhead included):")
-    print(f"{'rate':>5} {'batch':>5} {'ideal s':>8} {'skip s':>8} {'routers':>8} {'gathers':>8} {'other':>8}")
-    for rate, batch, med, mac_ratio, parts in rows:
+            with torch.inference_mode():
+                bound = {True: [], False: []}
+                for _ in range(max(2, a.repeats // 2)):
+                    for force in (False, True):
+                        net.set_gate_override(force)
+                        bound[force].append(seconds(net, x, inner))
+                net.set_gate_override(None)
+            closed, opened = statistics.median(bound[False]), statistics.median(bound[True])
+            residual_share = ((decisions.double() @ torch.tensor(mac_profile.residual, dtype=torch.float64)).mean()
+                              / sum(mac_profile.residual)).item()
+            kernel_s = closed + (opened - closed) * residual_share
+            rows.append((rate, batch, med, mac_ratio, parts, closed, opened, kernel_s,
+                         mac_profile.fixed / mac_profile.static()))
+    print("\nWhere a skipping forward spends its time (one profiled forward; profiler overhead included),")
+    print("and the kernel-time bound (all closed / all open timed; bound = closed + (open - closed) x executed share):")
+    print(f"{'rate':>5} {'batch':>5} {'ideal s':>8} {'skip s':>8} {'routers':>8} {'gathers':>8} {'other':>8} "
+          f"{'closed s':>8} {'open s':>8} {'fixed time':>10} {'fixed MACs':>10} {'bound s':>8} {'skip/bound':>10}")
+    for rate, batch, med, mac_ratio, parts, closed, opened, kernel_s, fixed_macs in rows:
         ideal_s = med["masked"] * mac_ratio  # medians: indicative only
         print(f"{rate:5.2f} {batch:5d} {ideal_s:8.4f} {med['skip']:8.4f} {parts['routers'] / parts['wall']:8.1%} "
-              f"{parts['gathers'] / parts['wall']:8.1%} {parts['other'] / parts['wall']:8.1%}")
+              f"{parts['gathers'] / parts['wall']:8.1%} {parts['other'] / parts['wall']:8.1%} {closed:8.4f} "
+              f"{opened:8.4f} {closed / opened:10.1%} {fixed_macs:10.1%} {kernel_s:8.4f} {med['skip'] / kernel_s:10.3f}")
     print("ideal s = masked median x MAC ratio; routers / gathers / other as shares of the profiled wall time "
           "(gathers = index (gather) + index_add_ + nonzero; other = convolutions, BN, ReLU, stem, head, Python)")
 
