@@ -27,7 +27,9 @@ at the end, so OUT holds a complete export or nothing new.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import os
 import platform
@@ -78,7 +80,8 @@ def resolve_checkpoint(run_dir: Path, tag: str) -> Path:
     if not ckpt.is_dir():
         found = sorted(p.name for p in save_dir.iterdir() if p.is_dir())
         raise ExportError(f"{ckpt}: no such checkpoint (found: {', '.join(found) or 'none'})")
-    return ckpt
+    # best / final may be symlinks to a step directory: name the real one in messages and config
+    return ckpt.resolve() if ckpt.is_symlink() else ckpt
 
 
 def _check_archive(path: Path) -> None:
@@ -133,8 +136,10 @@ def consolidate_student(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    chatter = io.StringIO()  # DeepSpeed prints progress bars and notes: keep errors one line
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         # e.g. "Expected 2 of '*_optim_states.pt' ... but found 1 files" (a rank never saved)
         raise ExportError(f"{ckpt}: incomplete ZeRO checkpoint ({' '.join(str(err).split())})") from None
