@@ -153,7 +153,7 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_
     run, ckpt = broken_copy("other-arch")
     config = (run / "config.yaml").read_text().replace("spnet_cifar_resnet20", "spnet_cifar_resnet32")
     (run / "config.yaml").write_text(config)
-    refused(run, "step_00000008: weights do not fit GatedCifarResNet (missing 90")
+    refused(run, "step_00000008: weights do not fit GatedCifarResNet (missing 126")
     run, ckpt = broken_copy("bad-teacher")
     (ckpt / "teacher.safetensors").write_bytes(b"\x00" * 100)
     refused(run, "teacher.safetensors: corrupted", "--weights", "teacher")
