@@ -8,7 +8,7 @@ split, so 1 rank and N ranks report the same numbers to the last bit.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,7 @@ def evaluate(
     profile: MacProfile,
     device: torch.device,
     autocast: contextlib.AbstractContextManager | None = None,
+    on_batch: Optional[Callable[[Any], None]] = None,
 ) -> dict[str, Any]:
     """Evaluate the dynamic network with its deterministic (inference-mode) gates.
 
@@ -42,6 +43,7 @@ def evaluate(
         profile: MACs of the model at the evaluation input size.
         device: where to run.
         autocast: the training precision context (None: fp32).
+        on_batch: called with every batch's SPNetOutput (spnet-eval collects per-image MACs).
 
     Returns:
         top1 (percent), gmacs (mean dynamic GMACs per image, plain MACs), gmacs_paper
@@ -61,6 +63,8 @@ def evaluate(
             counts[0] += (out.logits.argmax(dim=1) == targets).sum()
             counts[1] += targets.numel()
             executed += out.gate_decisions.sum(dim=0).round().long()
+            if on_batch is not None:
+                on_batch(out)
     finally:
         model.set_execution("masked")
         model.train(was_training)

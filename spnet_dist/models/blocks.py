@@ -39,15 +39,38 @@ class GatedBlock(nn.Module):
         out = self.shortcut(x) + res * gate.decision.view(-1, 1, 1, 1).to(res.dtype)
         return F.relu(out), gate
 
+    # True when shortcut(x) >= 0 for every block input x. Block inputs are ReLU outputs (the
+    # stem and every block end with a ReLU), so identity and option-A shortcuts keep the sign
+    # and a closed block's relu(shortcut(x)) is shortcut(x) itself: no pass over the tensor.
+    shortcut_nonnegative: bool = False
+
     def _forward_skip(self, x: Tensor, gate: GateOutput) -> Tensor:
+        """relu(shortcut(x) + v * residual(x)) computing ``residual`` only where v = 1.
+
+        Open samples run together: gather -> residual -> scatter-add
+        (index_add_). Without autograd the sums are formed in place (the block input is the
+        previous block's output, owned by the network), so a partly open block allocates only
+        the gathered batch and its residual. The open-sample list is read on the host
+        (``nonzero``): free on CPU; on CUDA it is one synchronisation per block, the price
+        of launching the residual kernels on exactly the open samples.
+        """
         out = self.shortcut(x)  # the shortcut always runs (projection included)
         open_idx = gate.decision.nonzero().squeeze(1)  # (B_open,)
-        if open_idx.numel() == x.shape[0]:
-            out = out + self.residual(x).to(out.dtype)
-        elif open_idx.numel() > 0:
-            res = self.residual(x.index_select(0, open_idx)).to(out.dtype)  # (B_open, C, H, W)
-            out = out.index_add(0, open_idx, res)
-        return F.relu(out)
+        n_open = open_idx.numel()
+        in_place = not torch.is_grad_enabled()
+        if n_open == 0:
+            return out if self.shortcut_nonnegative else F.relu(out, inplace=in_place)
+        if n_open == x.shape[0]:
+            res = self.residual(x)
+            if in_place and res.dtype == out.dtype:
+                return res.add_(out).relu_()
+            return F.relu(out + res)  # promotes like the masked path (bf16 residual, fp32 shortcut)
+        # x[idx], not index_select: advanced indexing keeps a channels_last layout
+        res = self.residual(x[open_idx])  # (B_open, C, H, W)
+        dtype = torch.promote_types(out.dtype, res.dtype)
+        if not (in_place and out.dtype == dtype):
+            out = out.to(dtype, copy=True)
+        return out.index_add_(0, open_idx, res.to(dtype)).relu_()
 
 
 def _router(in_channels: int, router_kwargs: Optional[dict]) -> Router:
@@ -68,6 +91,7 @@ class GatedBasicBlock(GatedBlock):
         self.stride = stride
         self.pad_channels = planes - in_planes
         self.out_channels = planes
+        self.shortcut_nonnegative = True  # subsampling and zero channels keep the sign
 
     def residual(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -103,6 +127,7 @@ class GatedBottleneck(GatedBlock):
             )
         self.router = _router(in_planes, router_kwargs)
         self.out_channels = out_planes
+        self.shortcut_nonnegative = self.downsample is None  # a projection (conv + BN) may be negative
 
     def residual(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

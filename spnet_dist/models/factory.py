@@ -1,8 +1,10 @@
 """Model names, ``create_model`` and timm registration.
 
 ``import spnet_dist`` registers every model with timm, so ``timm.create_model("spnet_resnet50")``
-works as it does for timm's own models. There are no hub weights: ``pretrained=True`` is an
-error; use ``model.torchvision_weights`` (a local torchvision state dict) instead.
+works as it does for timm's own models. There are no hub weights: ``pretrained=True`` loads an
+``spnet-export`` file named by ``pretrained_cfg_overlay=dict(file=".../model.safetensors")`` (its
+``config.json`` beside it gives the architecture) and is an error without one; torchvision
+backbone weights go through ``model.torchvision_weights`` instead.
 """
 from __future__ import annotations
 
@@ -20,14 +22,32 @@ _TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def _build(builder: Callable[..., GatedResNet], name: str, pretrained: bool, kwargs: dict[str, Any]) -> GatedResNet:
-    if pretrained:
-        raise ValueError(
-            f"{name}: no hub weights exist for SP-Net models; build it with pretrained=False and load "
-            "torchvision weights with spnet_dist.models.load_torchvision_weights (config: model.torchvision_weights)"
-        )
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
     for key in _TIMM_FACTORY_KWARGS:
         kwargs.pop(key, None)
-    return builder(**kwargs)
+    if not pretrained:
+        return builder(**kwargs)
+    if not overlay.get("file"):
+        raise ValueError(
+            f"{name}: no hub weights exist for SP-Net models; pass an spnet-export file with "
+            "pretrained_cfg_overlay=dict(file='OUT/model.safetensors'), or build with pretrained=False and "
+            "load torchvision weights with spnet_dist.models.load_torchvision_weights (config: model.torchvision_weights)"
+        )
+    return _from_export(name, overlay["file"], kwargs)
+
+
+def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
+    """timm's ``pretrained=True`` path: the export's architecture, its weights, skipping execution."""
+    from ..inference import ExportError, build_exported, read_export_config, read_weights
+
+    config = read_export_config(file)
+    if config.get("static"):
+        raise ExportError(f"{file}: a --static export is a torchvision state dict; load it into torchvision.models")
+    if config["architecture"]["name"] != name:
+        raise ExportError(f"{file}: holds {config['architecture']['name']!r}, not {name!r}")
+    model = build_exported(config, read_weights(file), file, **kwargs)
+    model.set_execution("skip")
+    return model
 
 
 @register_model

@@ -1,0 +1,175 @@
+"""Open an exported SP-Net (``spnet-export``'s ``model.safetensors`` + ``config.json``).
+
+This module needs only torch, safetensors and the model code: it never imports DeepSpeed, and
+loading never unpickles anything (safetensors holds raw tensors, config.json is JSON), so an
+export from an untrusted source cannot run code on the loading machine.
+
+Export layout (``EXPORT_FORMAT``)::
+
+    OUT/model.safetensors   fp32 parameters + buffers of the inference network (routers
+                            included, no teacher, no stage heads, no optimizer state); with
+                            --static a torchvision ResNet state dict instead
+    OUT/config.json         architecture, classes, preprocessing, measured execution rates
+                            and MACs, the run's config, package versions
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from .models.factory import MODEL_NAMES, create_model
+from .models.resnet import GatedResNet
+
+EXPORT_FORMAT = "spnet-dist-export/1"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+EXECUTION_MODES = ("skip", "masked")
+
+
+class ExportError(ValueError):
+    """A missing, partial or corrupted export (one line naming the file)."""
+
+
+def read_export_config(path: Union[str, Path]) -> dict[str, Any]:
+    """The ``config.json`` of an export directory (or of the directory holding ``path``).
+
+    Args:
+        path: the export directory, or its ``model.safetensors`` / ``config.json``.
+
+    Raises:
+        ExportError: the file is missing, not JSON, or not an spnet-dist export.
+    """
+    path = Path(path)
+    config_path = path.parent / CONFIG_FILE if path.is_file() else path / CONFIG_FILE
+    if not config_path.is_file():
+        raise ExportError(f"{config_path}: not found (an spnet-export directory holds {WEIGHTS_FILE} and {CONFIG_FILE})")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExportError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ExportError(f"{config_path}: not an spnet-dist export (format {found!r}, expected {EXPORT_FORMAT!r})")
+    return config
+
+
+def read_weights(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
+    """Read a safetensors file with a one-line error naming it if it is missing or corrupted.
+
+    Args:
+        path: the ``.safetensors`` file.
+        device: where the tensors are placed.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ExportError(f"{path}: corrupted or truncated safetensors file ({' '.join(str(err).split())})") from None
+
+
+def architecture_kwargs(config: dict[str, Any]) -> dict[str, Any]:
+    """``create_model`` arguments of the inference network described by an export config."""
+    arch = config["architecture"]
+    return dict(num_classes=arch["num_classes"], in_chans=arch["in_chans"], router_hidden=arch["router_hidden"],
+                aux_heads=False)
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: Union[str, Path]) -> None:
+    """``load_state_dict(strict=True)`` with one line naming ``source`` on any mismatch."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        def head(keys: list[str]) -> str:
+            return f"{keys[:3]}{'...' if len(keys) > 3 else ''}"
+
+        raise ExportError(
+            f"{source}: weights do not fit {type(model).__name__} "
+            f"(missing {len(missing)} {head(missing)}, unexpected {len(unexpected)} {head(unexpected)}, "
+            f"shape mismatch {len(shapes)} {head(shapes)})")
+    model.load_state_dict(state, strict=True)
+
+
+def pretrained_cfg(config: dict[str, Any], file: Union[str, Path]) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` (input size, normalisation) so ``timm.data.resolve_data_config`` works."""
+    pre = config["preprocessing"]
+    return dict(file=str(file), num_classes=config["architecture"]["num_classes"],
+                input_size=(config["architecture"]["in_chans"], pre["image_size"], pre["image_size"]),
+                mean=tuple(pre["mean"]), std=tuple(pre["std"]), interpolation="bilinear",
+                crop_pct=pre.get("crop_pct", 1.0))
+
+
+def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], source: Union[str, Path],
+                   **overrides: Any) -> GatedResNet:
+    """The gated inference network of an export config with ``weights`` loaded strictly.
+
+    Args:
+        config: the export's ``config.json``.
+        weights: its state dict.
+        source: file named in errors.
+        **overrides: ``create_model`` arguments that win over the config (timm passes some).
+    """
+    name = config["architecture"]["name"]
+    if name not in MODEL_NAMES:
+        raise ExportError(f"{source}: unknown model {name!r} in config.json; known: {', '.join(MODEL_NAMES)}")
+    kwargs = architecture_kwargs(config)
+    kwargs.update(overrides)
+    model = create_model(name, **kwargs)
+    load_state_strict(model, weights, source)
+    model.pretrained_cfg = pretrained_cfg(config, source)
+    return model
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+               execution: str = "skip", channels_last: bool = True) -> nn.Module:
+    """Load an ``spnet-export`` directory as an eval-mode model (torch + safetensors only).
+
+    Args:
+        path: the export directory (``model.safetensors`` + ``config.json``).
+        device: where to put the model.
+        execution: ``"skip"`` (default: closed blocks cost nothing for that sample) or
+            ``"masked"`` (every block computed and multiplied by its 0/1 gate: the dense form,
+            same outputs, no saving).
+        channels_last: store convolution weights as NHWC, so activations follow. On CPU the
+            stem's max-pool alone runs ~20x faster than in NCHW at batch 1 (measured; see
+            tools/bench_inference.py), which is time every sample pays whatever its gates say;
+            GPUs prefer NHWC for mixed precision too. Same outputs up to float rounding.
+
+    Returns:
+        The :class:`~spnet_dist.models.GatedResNet` in eval mode; for a ``--static`` export
+        the torchvision ResNet it was written for.
+
+    Raises:
+        ExportError: a missing or corrupted file, or weights that do not fit the architecture.
+    """
+    if execution not in EXECUTION_MODES:
+        raise ValueError(f"execution: must be one of {EXECUTION_MODES}, got {execution!r}")
+    path = Path(path)
+    config = read_export_config(path)
+    weights_path = path / WEIGHTS_FILE
+    weights = read_weights(weights_path, device)
+    if config.get("static"):
+        import torchvision
+
+        arch = config["architecture"]
+        model = getattr(torchvision.models, arch["torchvision_name"])(num_classes=arch["num_classes"])
+        load_state_strict(model, weights, weights_path)
+        return _place(model, device, channels_last)
+    model = build_exported(config, weights, weights_path)
+    model.set_execution(execution)
+    return _place(model, device, channels_last)
+
+
+def _place(model: nn.Module, device: Union[str, torch.device], channels_last: bool) -> nn.Module:
+    model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
+    return model.eval()

@@ -1,0 +1,60 @@
+"""The skipping path of gated blocks (blocks.py ``_forward_skip``) against the masked path."""
+import pytest
+import torch
+
+from spnet_dist.models import create_model
+
+from .test_resnet import _mixed_routers, _randomize_bn
+
+
+def _both(model, x, **kw):
+    with torch.no_grad():
+        model.set_execution("masked")
+        masked = model(x)
+        model.set_execution("skip")
+        skipped = model(x)
+    return masked, skipped
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["all-closed", "all-open"])
+def test_whole_batch_closed_or_open_projection_blocks(force):
+    # All closed: the projection shortcut (conv + BN) can be negative, so its ReLU must run.
+    torch.manual_seed(0)
+    model = create_model("spnet_resnet50", num_classes=10).eval()
+    _randomize_bn(model)
+    model.set_gate_override(force)
+    masked, skipped = _both(model, torch.randn(2, 3, 64, 64))
+    assert torch.equal(masked.gate_decisions, skipped.gate_decisions)
+    assert (masked.logits - skipped.logits).abs().max().item() < 1e-5
+
+
+def test_skip_path_keeps_the_caller_input_and_works_with_autograd_and_channels_last():
+    torch.manual_seed(0)
+    model = create_model("spnet_cifar_resnet20")
+    x = torch.randn(8, 3, 32, 32)
+    _mixed_routers(model, x)
+    masked, skipped = _both(model, x)
+    assert (masked.gate_decisions.sum(0) % 8 != 0).any()
+    x_before = x.clone()
+    model.set_execution("skip")
+    x.requires_grad_(True)
+    out = model(x)  # eval mode with autograd on: out-of-place sums, gradients reach the input
+    out.logits.sum().backward()
+    assert x.grad is not None and torch.equal(x.detach(), x_before)
+    assert (out.logits.detach() - masked.logits).abs().max().item() < 1e-5
+    cl = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = cl(x_before)
+    assert (got.logits - masked.logits).abs().max().item() < 1e-5
+
+
+def test_skip_path_under_bf16_autocast_matches_masked_dtype_and_values():
+    torch.manual_seed(0)
+    model = create_model("spnet_cifar_resnet20")
+    x = torch.randn(8, 3, 32, 32)
+    _mixed_routers(model, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        masked, skipped = _both(model, x)
+    assert skipped.logits.dtype == masked.logits.dtype
+    assert torch.equal(masked.gate_decisions, skipped.gate_decisions)
+    assert (masked.logits.float() - skipped.logits.float()).abs().max().item() < 0.05

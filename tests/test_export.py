@@ -1,0 +1,231 @@
+"""spnet-export and spnet-eval end to end: DeepSpeed checkpoints (ZeRO 0/1/2, 1 and 2 ranks) ->
+model.safetensors + config.json -> load_model / timm / torchvision, and the bad-input errors."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from spnet_dist import eval_model, export
+from spnet_dist.config import save_config
+from spnet_dist.export import ExportError
+from spnet_dist.inference import load_model
+
+from .conftest import REPO_ROOT, tiny_overrides
+from .dist_helpers import WORKERS, make_cfg, run_torchrun
+from .models.test_resnet import _randomize_bn
+
+DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
+TRAINING_ONLY = ("aux_heads.", "block_aligners.")
+
+
+def _export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "spnet_dist.export", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, cwd=str(REPO_ROOT))
+
+
+def _error_line(done) -> str:
+    assert done.returncode == 2, done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr  # one line, no traceback
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 2 ranks, ZeRO-2: the demo trained briefly by the real Trainer
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory, digits_root):
+    run = tmp_path_factory.mktemp("zero2") / "run"
+    run_torchrun(WORKERS / "checkpoint_job.py", 2,
+                 ["--config", DEMO, *tiny_overrides(digits_root, run), "engine.zero_stage=2", "run.max_steps=8"],
+                 timeout=1800)  # a shared 2-core machine can take 4x longer than idle
+    return run
+
+
+@pytest.fixture(scope="module")
+def zero2_export(zero2_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports") / "student"
+    done = _export_cli("--run", zero2_run, "--out", out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_round_trip_two_ranks_zero2_fresh_process_without_deepspeed(zero2_run, zero2_export):
+    code = (
+        "import sys, json, torch, timm, spnet_dist\n"
+        "from safetensors.torch import load_file\n"
+        f"ref = load_file({str(zero2_run / 'eval_logits.safetensors')!r})\n"
+        f"model = spnet_dist.load_model({str(zero2_export)!r})\n"
+        "with torch.no_grad():\n"
+        "    a = (model(ref['images']).logits - ref['logits']).abs().max().item()\n"
+        f"t = timm.create_model('spnet_cifar_resnet20', pretrained=True, pretrained_cfg_overlay=dict(file={str(zero2_export / 'model.safetensors')!r})).eval()\n"
+        "with torch.no_grad():\n"
+        "    b = (t(ref['images']).logits - ref['logits']).abs().max().item()\n"
+        "print(json.dumps({'load_model': a, 'timm': b, 'deepspeed': 'deepspeed' in sys.modules}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print("round trip max |logit diff|:", result)
+    assert result["deepspeed"] is False
+    assert result["load_model"] < 1e-5 and result["timm"] < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_export_holds_no_teacher_heads_or_optimizer_state(zero2_run, zero2_export, tmp_path):
+    weights = load_file(str(zero2_export / "model.safetensors"))
+    assert not any(k.startswith(TRAINING_ONLY) for k in weights)
+    assert any(".router." in k for k in weights) and "fc.weight" in weights
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())
+    config = json.loads((zero2_export / "config.json").read_text())
+    record = json.loads((zero2_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert config["measured"]["exec_rates"] == record["exec_rates"] and config["measured"]["step"] == 8
+    assert config["classes"] == [str(i) for i in range(10)]
+    assert config["run_config"]["engine"]["zero_stage"] == 2 and config["versions"]["torch"]
+    # The student's consolidated weights, not the teacher's: they differ after 8 EMA steps.
+    teacher = load_file(str(zero2_run / "checkpoints" / "final" / "teacher.safetensors"))
+    assert not torch.equal(weights["layer1.0.conv1.weight"], teacher["layer1.0.conv1.weight"])
+    out = tmp_path / "teacher"
+    assert _export_cli("--run", zero2_run, "--tag", "latest", "--weights", "teacher", "--out", out).returncode == 0
+    exported_teacher = load_file(str(out / "model.safetensors"))
+    assert exported_teacher.keys() == weights.keys()
+    for key, value in exported_teacher.items():
+        assert torch.equal(value, teacher[key]), key
+    print(f"demo export: {(zero2_export / 'model.safetensors').stat().st_size / 1e6:.2f} MB")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_spnet_eval_reproduces_the_trainers_final_evaluation(zero2_run, zero2_export, digits_root, tmp_path):
+    record = json.loads((zero2_run / "metrics.jsonl").read_text().splitlines()[-1])
+    one = tmp_path / "one"
+    eval_model.cli(["--model", str(zero2_export), "--data", str(digits_root), "--batch-size", "50",
+                    "--device", "cpu", "--out", str(one)])
+    two = tmp_path / "two"
+    run_torchrun("-m", 2, ["spnet_dist.eval_model", "--model", str(zero2_export), "--data", str(digits_root),
+                                                "--batch-size", "64", "--device", "cpu", "--out", str(two)])
+    for out in (one, two):
+        report = json.loads((out / "report.json").read_text())
+        for key in ("top1", "gmacs", "gmacs_paper", "static_gmacs", "exec_rates", "images"):
+            assert report[key] == record[key], (out.name, key)
+        assert len(report["macs_per_image"]["values"]) == 360
+        assert (out / "exec_rates.png").stat().st_size > 0 and (out / "macs_hist.png").stat().st_size > 0
+    assert json.loads((two / "report.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_export, tmp_path):
+    def broken_copy(name):
+        run = tmp_path / name
+        shutil.copytree(zero2_run, run, symlinks=True)
+        return run, run / "checkpoints" / "step_00000008"
+
+    def refused(run, pattern, *extra):
+        out = tmp_path / f"out-{run.name}"
+        line = _error_line(_export_cli("--run", run, "--out", out, *extra))
+        assert pattern in line, line
+        assert not out.exists() and not list(tmp_path.glob(".out-*"))  # nothing half-written
+
+    run, ckpt = broken_copy("no-tag")
+    refused(run, "no such checkpoint", "--tag", "step_00000099")
+    run, ckpt = broken_copy("rank-missing")
+    (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    refused(run, "step_00000008: incomplete ZeRO checkpoint (Expected 2")
+    run, ckpt = broken_copy("truncated")
+    model_states = ckpt / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:5000])
+    refused(run, "mp_rank_00_model_states.pt: partial or corrupted")
+    run, ckpt = broken_copy("no-model-states")
+    (ckpt / "mp_rank_00_model_states.pt").unlink()
+    refused(run, "mp_rank_00_model_states.pt: missing")
+    run, ckpt = broken_copy("other-arch")
+    config = (run / "config.yaml").read_text().replace("spnet_cifar_resnet20", "spnet_cifar_resnet32")
+    (run / "config.yaml").write_text(config)
+    refused(run, "step_00000008: weights do not fit GatedCifarResNet (missing 126")
+    run, ckpt = broken_copy("bad-teacher")
+    (ckpt / "teacher.safetensors").write_bytes(b"\x00" * 100)
+    refused(run, "teacher.safetensors: corrupted", "--weights", "teacher")
+
+    before = (zero2_export / "model.safetensors").read_bytes()
+    line = _error_line(_export_cli("--run", zero2_run, "--out", zero2_export))
+    assert "student/model.safetensors: --out already exists" in line
+    assert (zero2_export / "model.safetensors").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# 1 rank: ZeRO 0 (no shards) through the Trainer; ZeRO 1 with a torchvision ResNet-50
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_zero0_checkpoint_round_trip(tiny_config, own_process_group, tmp_path):
+    from spnet_dist.train import Trainer
+
+    cfg = tiny_config("engine.zero_stage=0", "run.max_steps=3")
+    trainer = Trainer(cfg)
+    trainer.fit()
+    run = Path(cfg.run.out_dir)
+    trainer.engine.save_checkpoint(str(run / "checkpoints"), tag="step_00000003")
+    assert not list((run / "checkpoints" / "step_00000003").glob("*optim_states.pt"))  # no ZeRO shards
+    out = export.export(run, tmp_path / "zero0", tag="latest", onnx=True)
+    assert (out / "model.masked.onnx").stat().st_size > 0
+    images = torch.stack([trainer.val_loader.dataset[i][0] for i in range(40)])
+    trainer.model.eval()
+    trainer.model.set_execution("skip")
+    with torch.no_grad():
+        expected = trainer.model(images).logits
+        got = load_model(out)(images).logits
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.slow
+def test_resnet50_static_export_loads_strictly_into_torchvision(own_process_group, tmp_path):
+    from spnet_dist.engine import build_engine
+    from spnet_dist.config import deepspeed_config
+    from spnet_dist.models import create_model, load_torchvision_weights
+
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50()
+    _randomize_bn(tv)
+    tv.eval()
+    cfg = make_cfg(engine__zero_stage=1, engine__global_batch_size=8)
+    cfg.model.name, cfg.model.num_classes = "spnet_resnet50", 1000
+    cfg.data.format, cfg.data.image_size = "imagefolder", 64
+    cfg.loss.evo_strategy = "stages"
+    model = create_model("spnet_resnet50")
+    load_torchvision_weights(model, tv.state_dict())
+    engine, _, _ = build_engine(model, cfg.optim, cfg.schedule, deepspeed_config(cfg, 1), steps_per_epoch=1)
+    run = tmp_path / "run"
+    save_config(cfg, run / "config.yaml")
+    engine.save_checkpoint(str(run / "checkpoints"), tag="final")
+
+    static = export.export(run, tmp_path / "static", static=True)
+    backbone = torchvision.models.resnet50()
+    backbone.load_state_dict(load_file(str(static / "model.safetensors")), strict=True)
+    backbone.eval()
+    gated = load_model(export.export(run, tmp_path / "gated"))
+    gated.set_gate_override(True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = tv(x)
+        assert torch.equal(backbone(x), reference)
+        # random weights give logits ~100: compare relative to their scale (channels_last rounding)
+        assert (gated(x).logits - reference).abs().max().item() < 1e-5 * reference.abs().max().item()
+    size = (tmp_path / "gated" / "model.safetensors").stat().st_size
+    print(f"ResNet-50 SP-Net export: {size / 1e6:.1f} MB, static: {(static / 'model.safetensors').stat().st_size / 1e6:.1f} MB")
+    assert 95e6 < size < 115e6  # fp32 ResNet-50 (~102 MB) + 16 routers; no optimizer state
+    with pytest.raises(ExportError, match="--static: spnet_cifar_resnet20 has no torchvision equivalent"):
+        cfg.model.name = "spnet_cifar_resnet20"
+        export.static_state("spnet_cifar_resnet20", gated, 10)
