@@ -393,7 +393,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         safe.discard("schedule.epochs")
     out = []
     for key in sorted(set(a) | set(b)):
-        if key in safe:
+        if key in safe or key.startswith("slurm."):  # the job's shape, read by launch/submit.py only
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
