@@ -105,7 +105,7 @@ STOP_POINTS = [
     ("last-step-of-epoch", [dict(signal_step=11)], [], 11),
     ("right-after-epoch-boundary", [dict(signal_step=12)], [], 12),
     ("during-evaluation", [dict(eval_epoch=2)], [], 22),
-    ("deferred-check", [dict(signal_step=16)], ["run.stop_check_every=3"], 18),
+    ("deferred-check", [dict(signal_step=17)], ["run.stop_check_every=3"], 18),
     ("sigterm", [dict(signal_step=27, signum=signal.SIGTERM)], [], 27),
     ("second-to-last-step", [dict(signal_step=32)], [], 32),
     ("two-interruptions", [dict(signal_step=5), dict(signal_step=20)], [], 5),
