@@ -26,6 +26,7 @@ from ..submit_helpers import (DEMO, assert_same_weights, final_weights, job_envi
                               run_overrides, run_reference)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multiprocess]
+EPOCHS = 3
 
 
 def _steps(run: Path) -> list[int]:
@@ -80,15 +81,14 @@ def _job_config(digits_root, run: Path, epochs: int):
 
 
 def test_submitted_job_survives_preemption_and_time_out_with_identical_weights(
-        slurm_cluster, digits_root, tmp_path, monkeypatch, capsys):
+        slurm_cluster, digits_root, reference, tmp_path, monkeypatch, capsys):
     """With a 30-minute limit (< 50) submitit counts every SIGUSR2 as a time-out; the first
     interruption is SLURM's preemption pattern (SIGTERM, then SIGUSR2: ``job._interrupt()``),
     the second the time-limit warning alone (``job._interrupt(timeout=True)``). Each comes once
     the attempt has written a checkpoint past its resume point, so the test follows progress,
     not the clock."""
     job_environment(monkeypatch)
-    epochs = 3
-    reference = run_reference(digits_root, tmp_path / "reference", epochs)
+    epochs = EPOCHS
     run = tmp_path / "run"
     cfg = _job_config(digits_root, run, epochs)
     job = S.submit(cfg)
@@ -118,23 +118,33 @@ def test_submitted_job_survives_preemption_and_time_out_with_identical_weights(
 
 
 def _task_pids(job_id: str) -> dict[int, int]:
-    """{global rank: pid} of a running submitit job's python tasks (scontrol listpids)."""
-    out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True).stdout
+    """{global rank: pid} of this job's running submitit tasks, read from /proc (the tasks'
+    environment names the job and the rank; both emulated nodes run on this machine)."""
     ranks = {}
-    for line in out.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 5 and fields[3].isdigit():  # PID JOBID STEPID LOCALID GLOBALID
-            cmdline = Path(f"/proc/{fields[0]}/cmdline")
-            if cmdline.exists() and b"submitit.core._submit" in cmdline.read_bytes():
-                ranks[int(fields[4])] = int(fields[0])
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"submitit.core._submit" not in (proc / "cmdline").read_bytes():
+                continue
+            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
+        except OSError:
+            continue
+        if env.get(b"SLURM_JOB_ID") == job_id.encode() and b"SLURM_PROCID" in env:
+            ranks[int(env[b"SLURM_PROCID"])] = int(proc.name)
     return ranks
 
 
+@pytest.fixture(scope="module")
+def reference(digits_root, tmp_path_factory):
+    """The uninterrupted 2-rank run both job tests compare with (3 epochs, 132 steps)."""
+    return run_reference(digits_root, tmp_path_factory.mktemp("reference") / "run", EPOCHS)
+
+
 def test_killed_rank_ends_the_job_and_the_requeued_job_resumes(
-        slurm_cluster, digits_root, tmp_path, monkeypatch):
+        slurm_cluster, digits_root, reference, tmp_path, monkeypatch):
     job_environment(monkeypatch)
-    epochs = 2
-    reference = run_reference(digits_root, tmp_path / "reference", epochs)
+    epochs = EPOCHS
     run = tmp_path / "run"
     job = S.submit(_job_config(digits_root, run, epochs))
     log = job.paths.stdout
