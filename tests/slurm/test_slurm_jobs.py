@@ -82,11 +82,13 @@ def _job_config(digits_root, run: Path, epochs: int):
 
 def test_submitted_job_survives_preemption_and_time_out_with_identical_weights(
         slurm_cluster, digits_root, reference, tmp_path, monkeypatch, capsys):
-    """With a 30-minute limit (< 50) submitit counts every SIGUSR2 as a time-out; the first
-    interruption is SLURM's preemption pattern (SIGTERM, then SIGUSR2: ``job._interrupt()``),
-    the second the time-limit warning alone (``job._interrupt(timeout=True)``). Each comes once
-    the attempt has written a checkpoint past its resume point, so the test follows progress,
-    not the clock."""
+    """The first interruption is SLURM's preemption pattern (SIGTERM, then SIGUSR2:
+    ``job._interrupt()``), the second the time-limit warning alone (SIGUSR2, what
+    ``--signal=USR2@N`` delivers: ``job._interrupt(timeout=True)``). submitit itself classifies a
+    signal by the attempt's elapsed time (time-out only after min(0.8 T, T - 10 min)), so with
+    a 30-minute limit it requeues both without using up ``max_timeouts``; the local-executor
+    test covers the counted time-out. Each signal comes once the attempt has written a
+    checkpoint past its resume point: the test follows progress, not the clock."""
     job_environment(monkeypatch)
     epochs = EPOCHS
     run = tmp_path / "run"
