@@ -141,16 +141,18 @@ def test_kill_9_during_a_checkpoint_write_resumes_from_the_previous_one(referenc
     out = tmp_path / "run"
     overrides = tiny_overrides(digits_root, out) + RUN
     proc = subprocess.run([sys.executable, str(WORKERS / "resume_job.py"), "--config", str(DEMO),
-                           "--kill-in-save-step", "8", *overrides],
+                           "--kill-in-save-step", "11", *overrides],
                           env=child_env(), cwd=str(REPO_ROOT), capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = out / "checkpoints"
-    assert (ckpt / ".tmp-step_00000008").is_dir()  # killed half-way: never became visible
-    assert (ckpt / "latest").read_text() == C.step_tag(4)
-    assert C.resolve_checkpoint(out).name == C.step_tag(4)
+    # Killed while sealing the epoch-end checkpoint, after epoch 1's evaluation was appended.
+    assert (ckpt / ".tmp-step_00000011").is_dir()  # never became visible
+    assert (ckpt / "latest").read_text() == C.step_tag(8)
+    assert C.resolve_checkpoint(out).name == C.step_tag(8)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     trainer, stopped = _attempt(_cfg(digits_root, out))
     assert stopped is None
-    assert not (ckpt / ".tmp-step_00000008").exists()  # the leftover was removed
+    assert not (ckpt / ".tmp-step_00000011").exists()  # the leftover was removed
     _assert_same_as_reference(reference, trainer, out)
 
 

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from spnet_dist import checkpoint as C
 from spnet_dist import train
@@ -72,3 +73,22 @@ def test_a_run_that_died_during_set_up_starts_again_in_place(digits_root, tmp_pa
     # The same directory with a different model is not this run: refused before any work.
     assert _cli(digits_root, out, "model.router_hidden=16") == 2
     assert "model.router_hidden: 128 -> 16" in capsys.readouterr().err
+
+
+def test_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(digits_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = train.Trainer.train_step
+
+    def poisoned(self, images, targets):  # from step 3 on the inputs are NaN: loss and weights too
+        if self.state.step >= 2:
+            images = torch.full_like(images, float("nan"))
+        return original(self, images, targets)
+
+    monkeypatch.setattr(train.Trainer, "train_step", poisoned)
+    status = _cli(digits_root, out, "run.max_bad_steps=2", "run.stop_check_every=1", "run.checkpoint_every=2")
+    assert status == C.EXIT_DIVERGED
+    err = capsys.readouterr()
+    assert "3 steps with a non-finite loss (run.max_bad_steps=2) by step 5" in err.err
+    assert "step 4: non-finite losses since the last check; no checkpoint written" in err.out
+    assert C.resolve_checkpoint(out).name == "step_00000002"  # sealed, valid, the newest
+    assert not (out / "checkpoints" / "step_00000004").exists()
