@@ -367,7 +367,25 @@ def status(root: Path = DEFAULT_DIR) -> str:
     return "\n".join(lines) or f"no daemons recorded in {root}"
 
 
+def _cancel_jobs(root: Path) -> None:
+    """Cancel every job of this private cluster and wait (up to 30 s) until none is left, so
+    that no job step outlives the daemons that would clean it up."""
+    env = dict(os.environ, **client_env(root))
+    if not (root / "etc" / "slurm.conf").exists() or not _port_open(CTLD_PORT):
+        return
+    jobs = subprocess.run(["squeue", "-h", "-o", "%A"], env=env, capture_output=True, text=True).stdout.split()
+    if not jobs:
+        return
+    subprocess.run(["scancel", *jobs], env=env, capture_output=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and subprocess.run(
+            ["squeue", "-h", "-o", "%A"], env=env, capture_output=True, text=True).stdout.split():
+        time.sleep(1)
+
+
 def stop(root: Path = DEFAULT_DIR) -> list[str]:
+    if root.exists() and any(Daemons(root).alive(r) for r in Daemons(root).records()):
+        _cancel_jobs(root)
     stopped = Daemons(root).stop() if root.exists() else []
     _restore_hosts(root)
     return stopped
