@@ -32,7 +32,7 @@ import yaml
 __all__ = [
     "MODEL_NAMES", "IMAGENET_MODELS", "ConfigError",
     "ModelConfig", "TeacherConfig", "LossConfig", "DataConfig", "OptimConfig", "ScheduleConfig",
-    "EngineConfig", "RunConfig", "Config",
+    "EngineConfig", "RunConfig", "SlurmConfig", "Config",
     "load_config", "config_from_dict", "validate", "micro_batch_size", "deepspeed_config", "zero_bucket_size",
     "to_dict", "save_config", "add_config_arguments", "config_from_args", "parse_args",
 ]
@@ -211,6 +211,9 @@ class EngineConfig:
         "null = on for CUDA, off on CPU", default=None)
     compile: bool = _help("torch.compile the student's forward (masked execution path; the first steps "
                           "compile)", default=False)
+    timeout_min: float = _help(
+        "process-group timeout in minutes: a collective waiting longer (a rank died or hangs) "
+        "fails and the job exits instead of hanging", default=30.0)
 
 
 @dataclass
@@ -224,6 +227,58 @@ class RunConfig:
     progress: str = _help("'auto' (bar on a TTY, periodic lines otherwise) | 'bar' | 'log' | 'none'",
                           default="auto")
     tensorboard: bool = _help("write TensorBoard event files into run.out_dir", default=True)
+    resume: str = _help(
+        "'auto' (continue from the newest valid checkpoint in run.out_dir, if any) | 'never' (refuse "
+        "a directory that holds a run) | path of one checkpoint directory inside run.out_dir/checkpoints",
+        default="auto")
+    checkpoint_every: int = _help(
+        "save a checkpoint every N optimizer steps (0: only at epoch ends, the end and on a signal)",
+        default=1000)
+    keep_checkpoints: int = _help("keep the newest N step checkpoints (plus best and final)", default=3)
+    deterministic: bool = _help(
+        "deterministic kernels (torch.use_deterministic_algorithms): CPU fp32 training and its "
+        "resumes are bitwise reproducible", default=False)
+    max_bad_steps: int = _help(
+        "stop (exit 3) once more than N optimizer steps had a non-finite loss; the last good "
+        "checkpoint is kept", default=10)
+    stop_check_every: int = _help(
+        "optimizer steps between the checks where ranks agree on a stop signal and count non-finite "
+        "losses (one all-reduce of two integers and one host sync per check)", default=10)
+
+
+@dataclass
+class SlurmConfig:
+    """The SLURM job that ``launch/submit.py`` submits; ``spnet-train`` ignores this section."""
+
+    cluster: str = _help(
+        "'slurm' (sbatch through submitit) | 'local' (submitit's local executor: one node, "
+        "tasks_per_node processes on this machine; laptops and tests)", default="slurm")
+    nodes: int = _help("number of nodes", default=1)
+    gpus_per_node: int = _help("GPUs per node; one task (rank) per GPU. 0: a CPU job", default=0)
+    tasks_per_node: int | None = _help(
+        "ranks per node; null = gpus_per_node (or 1 on a CPU job). With GPUs it must equal "
+        "gpus_per_node", default=None)
+    cpus_per_task: int = _help("CPU cores per task (data-loading workers + 1 or 2)", default=8)
+    mem_gb: float | None = _help("memory per node in GB; null = the partition's default, 0 = all", default=None)
+    partition: str | None = _help("partition (sbatch --partition)", default=None)
+    account: str | None = _help("account to charge (sbatch --account)", default=None)
+    qos: str | None = _help("quality of service (sbatch --qos)", default=None)
+    constraint: str | None = _help("node features, e.g. 'a100&ib' (sbatch --constraint)", default=None)
+    timeout_min: int = _help("time limit of one attempt in minutes (sbatch --time); the job "
+                             "requeues itself when it is reached", default=1440)
+    signal_delay_s: int = _help(
+        "SIGUSR2 is sent this many seconds before the time limit (sbatch --signal=USR2@N): enough "
+        "for one training step plus a checkpoint write", default=120)
+    max_timeouts: int = _help("requeues after a time limit before the job gives up (preemptions do "
+                              "not count)", default=30)
+    job_name: str = _help("job name (sbatch --job-name)", default="spnet")
+    log_dir: str = _help("submitit folder (scripts, pickles, logs); empty = <run.out_dir>/submitit",
+                         default="")
+    setup: list[str] = _help("shell lines run before srun, e.g. ['module load cuda/12.4']",
+                             default_factory=list)
+    sbatch_args: list[str] = _help(
+        "extra sbatch options, e.g. ['--exclusive', '--mail-type=END']; the options this section "
+        "sets (nodes, time, signal, ...) are refused here", default_factory=list)
 
 
 @dataclass
@@ -236,6 +291,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # Section name -> section dataclass, in schema order.
@@ -266,6 +322,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "engine.grad_reduce": ("fp32", "autocast"),
     "engine.backend": ("auto", "nccl", "gloo"),
     "run.progress": ("auto", "bar", "log", "none"),
+    "slurm.cluster": ("slurm", "local"),
 }
 
 
@@ -667,6 +724,12 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     need(r.log_every >= 1, "run.log_every", "must be >= 1")
     if r.max_steps is not None:
         need(r.max_steps >= 1, "run.max_steps", "must be >= 1 (or null)")
+    need(bool(r.resume.strip()), "run.resume", "must be 'auto', 'never' or a checkpoint path")
+    need(r.checkpoint_every >= 0, "run.checkpoint_every", "must be >= 0 (0: epoch ends only)")
+    need(r.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    need(r.max_bad_steps >= 0, "run.max_bad_steps", "must be >= 0")
+    need(r.stop_check_every >= 1, "run.stop_check_every", "must be >= 1")
+    need(e.timeout_min > 0, "engine.timeout_min", "must be > 0")
 
 
 def _check_data_root(cfg: Config) -> None:

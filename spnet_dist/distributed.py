@@ -5,8 +5,12 @@ One entry point, :func:`init_distributed`, covers every way a job starts:
 * a plain ``python`` process (laptop demo, unit tests): a 1-rank group on an in-memory store;
 * ``torchrun`` and the ``deepspeed`` launcher: both export ``RANK``, ``LOCAL_RANK``,
   ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``;
-* SLURM through submitit: ``TorchDistributedEnvironment().export()`` exports the same variables
-  (and ``CUDA_VISIBLE_DEVICES=<local rank>``, so each task sees its GPU as ``cuda:0``).
+* SLURM through submitit (``launch/submit.py``): ``TorchDistributedEnvironment().export()``
+  exports the same variables; the launcher leaves each task one visible GPU (``cuda:0``);
+* plain ``srun python -m spnet_dist.train ...`` (no torchrun): every task reads its place from
+  SLURM (``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``, the first host of the step's node
+  list as master), see :func:`slurm_launch_env`. Without this, N tasks would each start a
+  world-size-1 job on ``cuda:0`` and race for one run directory.
 
 Every other helper works without an initialised group (it then behaves as a world of one), so
 library code can call them unconditionally. The only global state is torch.distributed's own.
@@ -19,10 +23,11 @@ the engine, yet every rank must hold a bit-identical teacher.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,6 +36,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 __all__ = [
     "DistInfo",
     "init_distributed",
+    "slurm_launch_env",
+    "first_host",
     "resolve_backend",
     "get_rank",
     "get_local_rank",
@@ -110,11 +117,89 @@ def _select_device(local_rank: int) -> torch.device:
     )
 
 
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[003-004,9],cpu1"`` -> ``"gpu003"``.
+
+    Brackets hold comma-separated numbers or ranges whose zero padding is part of the name;
+    several bracket groups in one name (``"r[1-2]n[05-06]"``) are expanded left to right.
+
+    Args:
+        nodelist: ``SLURM_JOB_NODELIST`` / ``SLURM_STEP_NODELIST``.
+    """
+    host, i = [], 0
+    while i < len(nodelist) and nodelist[i] != ",":
+        if nodelist[i] == "[":
+            end = nodelist.find("]", i)
+            if end < 0:
+                raise ValueError(f"malformed SLURM node list {nodelist!r}: '[' without ']'")
+            host.append(re.split(r"[,-]", nodelist[i + 1:end])[0])
+            i = end + 1
+        else:
+            host.append(nodelist[i])
+            i += 1
+    if not host:
+        raise ValueError(f"malformed SLURM node list {nodelist!r}: no host name")
+    return "".join(host)
+
+
+def slurm_launch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launcher variables for a task started by plain ``srun`` (no torchrun), or ``{}``.
+
+    Measured on SLURM 22.05: inside an ``srun`` step every task has ``SLURM_STEP_ID``,
+    ``SLURM_PROCID`` (global rank), ``SLURM_LOCALID`` and ``SLURM_NTASKS`` (the *step's* task
+    count); the batch script itself has ``SLURM_PROCID=0`` and the *job's* ``SLURM_NTASKS`` but
+    no ``SLURM_STEP_ID``. Returns ``{}`` when not in a step, or in a step of one task (a plain
+    process). ``MASTER_ADDR`` is the first host of the step's node list (global rank 0 runs
+    there); ``MASTER_PORT`` is derived from the job and step ids so that every task computes
+    the same port without talking, and two jobs sharing a node differ. Both can be overridden
+    by exporting them.
+
+    Args:
+        environ: the environment to read (default ``os.environ``).
+
+    Raises:
+        RuntimeError: a multi-task allocation seen from the batch script (``python`` run
+            without ``srun`` would start one rank of N), or a step whose variables are
+            incomplete. One line, saying what to run instead.
+    """
+    env = os.environ if environ is None else environ
+    if "SLURM_PROCID" not in env:
+        return {}
+    if "SLURM_STEP_ID" not in env:
+        ntasks = int(env.get("SLURM_NTASKS", "1"))
+        if ntasks > 1:
+            raise RuntimeError(
+                f"SLURM job with SLURM_NTASKS={ntasks} but this process is its batch script, not one of "
+                "its tasks: start the trainer with `srun python -m spnet_dist.train ...` (one task per "
+                "rank), `srun torchrun ...` (one task per node) or launch/submit.py")
+        return {}
+    missing = [v for v in ("SLURM_LOCALID", "SLURM_NTASKS") if v not in env]
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+    if nodelist is None:
+        missing.append("SLURM_STEP_NODELIST/SLURM_JOB_NODELIST")
+    if missing:
+        raise RuntimeError(f"srun task without {', '.join(missing)}: cannot place this rank; "
+                           "launch with torchrun or launch/submit.py instead")
+    world = int(env["SLURM_NTASKS"])
+    if world == 1:
+        return {}
+    job_id = int(env.get("SLURM_JOB_ID", "0"))
+    step_id = int(env["SLURM_STEP_ID"]) if env["SLURM_STEP_ID"].isdigit() else 0
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env["SLURM_LOCALID"],
+        "WORLD_SIZE": str(world),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(nodelist),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + (job_id * 7 + step_id) % 40000),
+    }
+
+
 def init_distributed(backend: str = "auto", timeout: timedelta | None = None) -> DistInfo:
     """Initialise torch.distributed once and describe this rank. Idempotent.
 
-    Launched jobs (torchrun, ``deepspeed``, submitit) are recognised by ``RANK`` and
-    ``WORLD_SIZE`` in the environment and initialised with ``env://``. A plain process gets a
+    Launched jobs (torchrun, ``deepspeed``, ``accelerate launch``, submitit) are recognised by
+    ``RANK`` and ``WORLD_SIZE`` in the environment and initialised with ``env://``; tasks of a
+    plain ``srun`` export those variables from SLURM's first (:func:`slurm_launch_env`). A plain process gets a
     1-rank group on an in-memory ``HashStore`` (no port to pick, nothing to collide with), and
     ``RANK=0``, ``LOCAL_RANK=0``, ``WORLD_SIZE=1`` are exported because DeepSpeed's engine reads
     ``LOCAL_RANK`` from the environment.
@@ -134,6 +219,10 @@ def init_distributed(backend: str = "auto", timeout: timedelta | None = None) ->
         return _current_info()
 
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not launched:
+        from_slurm = slurm_launch_env()
+        os.environ.update(from_slurm)  # DeepSpeed reads LOCAL_RANK etc. from the environment too
+        launched = bool(from_slurm)
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     if launched:
         missing = [v for v in _LAUNCH_VARS if v not in os.environ]

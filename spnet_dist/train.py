@@ -11,18 +11,25 @@ handed to DeepSpeed: it gets no gradients and must stay bit-identical on every r
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import random
+import signal
+import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
+from . import checkpoint as C
 from . import distributed as D
-from .config import Config, deepspeed_config, micro_batch_size, parse_args, save_config
+from .checkpoint import Preempted, ResumeMismatch, TrainingDiverged
+from .config import Config, deepspeed_config, micro_batch_size, parse_args, save_config, to_dict
 from .data import build_datasets, build_loaders  # build_datasets: re-exported for tests and tools
 from .engine import autocast_context, build_engine, engine_step, is_boundary
 from .evaluate import evaluate
@@ -34,12 +41,19 @@ from .run_log import RunLogger, results_table
 from .teacher import EMATeacher
 
 
+__all__ = ["TrainState", "SPNetStep", "Trainer", "Preempted", "TrainingDiverged", "main", "cli"]
+
+
 @dataclass
 class TrainState:
-    """All counters in one place (checkpoints will save exactly this)."""
+    """All counters in one place; checkpoints save exactly this (trainer_state.json)."""
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # micro-batches every rank consumed in the current epoch
+    bad_steps: int = 0  # optimizer steps with a non-finite loss (summed over ranks)
+    best_top1: Optional[float] = None  # best evaluation so far and its checkpoint
+    best_tag: Optional[str] = None
 
 
 def seed_everything(seed: int) -> None:
@@ -268,21 +282,16 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        self._undo_deterministic = C.set_deterministic(cfg.run.deterministic)  # before any CUDA/cuBLAS call
         # ============ distributed ... ============
-        self.dist = D.init_distributed(cfg.engine.backend)
+        # A collective that waits longer than engine.timeout_min (a rank died or hangs) raises,
+        # so the job ends and can be requeued instead of holding its nodes until the time limit.
+        self.dist = D.init_distributed(cfg.engine.backend, timeout=timedelta(minutes=cfg.engine.timeout_min))
         self.device = self.dist.device
-        out_dir = Path(cfg.run.out_dir)
-        # Never mix two runs in one directory: every rank looks before rank 0 writes anything.
-        previous = [name for name in ("config.yaml", "metrics.jsonl") if (out_dir / name).exists()]
-        D.barrier()
-        if previous:
-            raise FileExistsError(
-                f"run.out_dir: {out_dir} already holds a run ({', '.join(previous)}); "
-                "choose another run.out_dir or remove that directory"
-            )
-        if self.dist.is_main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out_dir / "config.yaml")
+        self.out_dir = out_dir = Path(cfg.run.out_dir)
+        self.ckpt_dir = out_dir / C.CHECKPOINTS
+        # ============ run directory: a fresh run, or resume (rank 0 decides, every rank obeys) ============
+        self.resume_from = self._plan_run_directory()
         self.log = RunLogger(out_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard)
 
         # ============ data: rank 0 prepares and scans, the others read its file list ============
@@ -313,6 +322,103 @@ class Trainer:
         # Gumbel noise and dropout differ per rank (different samples anyway), reproducibly.
         seed_everything(cfg.run.seed + 1000 * (self.dist.rank + 1))
         self.state = TrainState()
+        self.signals = C.StopSignals()
+        # Device-side count of non-finite losses since the last check: no host sync per step.
+        self._bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._epoch_sums: Optional[dict[str, Any]] = None  # a resumed epoch's running sums
+        self._last_tag: Optional[str] = None
+        self._new_bad = 0  # non-finite losses found by the last agreement (blocks saving)
+        if self.resume_from is not None:
+            self._restore(self.resume_from)
+
+    # ------------------------------------------------------------------ run directory / resume
+    def _plan_run_directory(self) -> Optional[Path]:
+        """Fresh start or resume per ``run.resume``; rank 0 decides and writes, all ranks agree.
+
+        Errors (an existing run with ``never``, unsafe config differences, a bad explicit
+        checkpoint) are raised on every rank, before any file is written.
+        """
+        cfg, out_dir = self.cfg, self.out_dir
+        plan, error = None, None
+        if self.dist.is_main:
+            try:
+                plan = C.plan_resume(out_dir, cfg.run.resume, to_dict(cfg))
+            except (FileExistsError, ResumeMismatch, C.CheckpointError) as err:
+                error = err
+        plan, error = D.broadcast_object((plan, error))
+        if error is not None:
+            raise error
+        if self.dist.is_main:
+            for note in plan.notes:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for name in C.remove_leftovers(self.ckpt_dir):
+                print(f"removed {self.ckpt_dir / name} (a checkpoint save that was interrupted)", flush=True)
+            # Records a resumed run will write again (evaluated after the checkpoint was sealed).
+            saved = C.read_state(plan.checkpoint)["train_state"] if plan.checkpoint else {"epoch": 0, "step": 0}
+            C.truncate_metrics(out_dir / "metrics.jsonl", saved["epoch"], saved["step"])
+            save_config(self.cfg, out_dir / "config.yaml")  # the resolved config of this attempt
+            if plan.checkpoint is not None:
+                print(f"resuming from {plan.checkpoint}", flush=True)
+            elif plan.existing:
+                print(f"{out_dir} holds a run without a checkpoint: starting it again from step 0", flush=True)
+        D.barrier()
+        return plan.checkpoint
+
+    def _restore(self, path: Path) -> None:
+        """Load engine, teacher, counters, RNG and loader position from checkpoint ``path``."""
+        saved = C.read_state(path)
+        rank, world = self.dist.rank, self.dist.world_size
+        same_world = saved["world_size"] == world
+        # DeepSpeed's ZeRO-1/2 optimizer shards are tied to the data-parallel world size (a
+        # 2-rank ZeRO-2 checkpoint raises on 1 rank) and its universal-checkpoint converter only
+        # knows Adam's exp_avg/exp_avg_sq (docs/library-facts.md). On a world-size change the
+        # documented fallback keeps weights, teacher, step and LR schedule; SGD's momentum buffer
+        # restarts from zero (ZeRO 0 keeps it: its optimizer state is not sharded).
+        keep_optimizer = same_world or self.cfg.engine.zero_stage == 0
+        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name,
+                                                   load_optimizer_states=keep_optimizer,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise C.CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
+        self.state = TrainState(**saved["train_state"])
+        if self.teacher is not None:
+            from safetensors.torch import load_file
+
+            self.teacher.load_state_dict({"module": load_file(str(path / C.TEACHER_FILE), device=str(self.device)),
+                                          **saved["teacher"]})
+        if same_world:
+            mine = C.read_rank_state(path, rank)
+            C.restore_rng(mine["rng"], self.device)
+        else:
+            # Ranks no longer map one to one: every rank takes rank 0's loader position (global,
+            # converted below) and a fresh per-rank seed derived from the step.
+            mine = C.read_rank_state(path, 0)
+            seed_everything(self.cfg.run.seed + 1000 * (rank + 1) + 7919 * self.state.step)
+        self.train_loader.load_state_dict(mine["loader"])
+        # The loader's position is the truth for the current epoch (a world-size change converts
+        # it through the global sample count, see TrainLoader.load_state_dict).
+        position = self.train_loader.state_dict()
+        self.state.batch_in_epoch = position["batches_seen"] if position["epoch"] == self.state.epoch else 0
+        if self.state.batch_in_epoch:
+            sums = mine["epoch_sums"]
+            if not same_world:  # rank 0 carries every old rank's sums and counts, the others none
+                parts = [C.read_rank_state(path, r)["epoch_sums"] for r in range(saved["world_size"])]
+                sums = {"terms": {k: sum(p["terms"][k] for p in parts) for k in parts[0]["terms"]},
+                        "micro_batches": sum(p["micro_batches"] for p in parts),
+                        "images": sum(p["images"] for p in parts), "seconds": parts[0]["seconds"]}
+                if rank != 0:
+                    sums = {"terms": {k: 0.0 for k in sums["terms"]}, "micro_batches": 0, "images": 0,
+                            "seconds": sums["seconds"]}
+            self._epoch_sums = sums
+        threads = saved.get("num_threads")
+        if self.cfg.run.deterministic and threads not in (None, torch.get_num_threads()):
+            self.log.print(f"warning: the checkpoint was written with {threads} intra-op threads, this "
+                           f"run uses {torch.get_num_threads()}: CPU results may differ in the last bits")
+        self.log.print(f"resumed from {path.name}: epoch {self.state.epoch}, step {self.state.step}, "
+                       f"micro-batch {self.state.batch_in_epoch} of the epoch"
+                       + ("" if same_world else f" (world size {saved['world_size']} -> {world}: "
+                          + ("optimizer state kept" if keep_optimizer else "SGD momentum restarts from zero") + ")"))
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         terms, stepped = self.step_fn(images, targets)
@@ -323,17 +429,22 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.cfg
         self.model.train()
-        self.train_loader.set_epoch(epoch)
+        self.train_loader.set_epoch(epoch)  # keeps a resumed position inside this epoch
         self.log.start_epoch(epoch, self.steps_per_epoch)
-        sums: dict[str, torch.Tensor] = {}
-        micro_batches, images_seen = 0, 0
-        start = time.perf_counter()
-        meter = IntervalMeter(start)
+        # Running sums of this epoch (restored mid-epoch on resume, so the record is the same).
+        resumed, self._epoch_sums = self._epoch_sums or {}, None
+        sums: dict[str, torch.Tensor] = {k: torch.tensor(v, dtype=torch.float32, device=self.device)
+                                         for k, v in resumed.get("terms", {}).items()}
+        counts = self._epoch_counts = {"micro_batches": resumed.get("micro_batches", 0),
+                                       "images": resumed.get("images", 0)}
+        self._epoch_term_sums = sums
+        start = self._epoch_start = time.perf_counter() - resumed.get("seconds", 0.0)
+        meter = IntervalMeter(time.perf_counter())
         limit = self.steps_per_epoch * cfg.engine.grad_accum  # a partial accumulation never spills over
         batches = iter(self.train_loader)
-        for i in range(limit):
-            if self._done():
-                break
+        # Checked BEFORE a batch is drawn: a batch drawn and not trained on would still count as
+        # read in the loader's position, and a resume from that position would skip it.
+        while self.state.batch_in_epoch < limit and not self._done():
             wait_start = time.perf_counter()
             try:
                 images, targets = next(batches)
@@ -341,10 +452,13 @@ class Trainer:
                 break
             meter.waited(time.perf_counter() - wait_start)
             terms, stepped = self.train_step(images, targets)
+            self.state.batch_in_epoch += 1
+            # Counted on the device; read at the next agreed check, never per step.
+            self._bad += ~torch.isfinite(terms["total"])
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + v
-            micro_batches += 1
-            images_seen += images.shape[0]
+            counts["micro_batches"] += 1
+            counts["images"] += images.shape[0]
             meter.add(images.shape[0], stepped)
             if stepped:
                 log_now = self.state.step % cfg.run.log_every == 0
@@ -353,9 +467,10 @@ class Trainer:
                 speed = meter.report(time.perf_counter(), self.dist.world_size,
                                      self._steps_left()) if log_now else None
                 self.log.step(self.state.step, epoch, shown, self.scheduler.get_last_lr()[0], log_now, speed)
+                self._maybe_checkpoint(last_of_epoch=self.state.batch_in_epoch >= limit)
         self.log.end_epoch()
         elapsed = time.perf_counter() - start
-        return reduce_epoch_means(sums, micro_batches, images_seen, elapsed, self.device)
+        return reduce_epoch_means(sums, counts["micro_batches"], counts["images"], elapsed, self.device)
 
     def _steps_left(self) -> int:
         total = self.cfg.schedule.epochs * self.steps_per_epoch
@@ -365,6 +480,100 @@ class Trainer:
 
     def _done(self) -> bool:
         return self.cfg.run.max_steps is not None and self.state.step >= self.cfg.run.max_steps
+
+    # ------------------------------------------------------------------ checkpoints, signals, bad steps
+    def _agree(self) -> tuple[int, int]:
+        """Every rank: one all-reduce of (SIGUSR2 seen, SIGTERM seen, new bad steps) and one host
+        sync. Called at agreed step boundaries only (every ``run.stop_check_every`` optimizer
+        steps, before a checkpoint, at epoch ends), so every rank stops at the same step.
+
+        Returns ``(signal to stop on or 0, bad steps so far)``.
+        """
+        requested = self.signals.requested
+        flags = torch.stack([torch.tensor(int(requested == signal.SIGUSR2), device=self.device),
+                             torch.tensor(int(requested == signal.SIGTERM), device=self.device),
+                             self._bad.clone()])
+        if torch.distributed.is_initialized() and self.dist.world_size > 1:
+            torch.distributed.all_reduce(flags)
+        usr2, term, bad = flags.tolist()
+        self._bad.zero_()
+        self._new_bad = bad
+        self.state.bad_steps += bad
+        if self.state.bad_steps > self.cfg.run.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.state.bad_steps} steps with a non-finite loss (run.max_bad_steps="
+                f"{self.cfg.run.max_bad_steps}) by step {self.state.step}; the last good checkpoint "
+                f"is {self._last_tag or 'none'}")
+        return (signal.SIGTERM if term else signal.SIGUSR2 if usr2 else 0), self.state.bad_steps
+
+    def _maybe_checkpoint(self, last_of_epoch: bool) -> None:
+        """After an optimizer step: agree on stop/bad steps when due, save when due or stopping."""
+        run, step = self.cfg.run, self.state.step
+        ckpt_due = run.checkpoint_every > 0 and step % run.checkpoint_every == 0 and not last_of_epoch
+        if not (ckpt_due or step % run.stop_check_every == 0):
+            return  # the epoch end checks and saves (after the evaluation)
+        stop, _ = self._agree()
+        if stop or ckpt_due:
+            path = self.save_checkpoint()
+            if stop:
+                raise Preempted(stop, path)
+
+    def save_checkpoint(self, record: Optional[dict[str, Any]] = None) -> Optional[Path]:
+        """Save ``checkpoints/step_<step>`` on every rank (all ranks call it: it has barriers).
+
+        Not written when non-finite losses occurred since the last check (the weights may be
+        corrupt): the previous checkpoint stays the newest. Returns the directory or None.
+
+        Args:
+            record: the evaluation just made at this step, if any (updates ``best``).
+        """
+        if getattr(self, "_new_bad", 0):
+            self.log.print(f"warning: step {self.state.step}: non-finite losses since the last check; "
+                           "no checkpoint written")
+            return None
+        from safetensors.torch import save_file
+
+        rank, tag = self.dist.rank, C.step_tag(self.state.step)
+        tmp_name = C.tmp_dir_name(tag)
+        tmp = self.ckpt_dir / tmp_name
+        is_best = record is not None and (self.state.best_top1 is None or record["top1"] > self.state.best_top1)
+        if is_best:
+            self.state.best_top1, self.state.best_tag = record["top1"], tag
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_name, client_state={}, save_latest=False)
+        mid_epoch = self.state.batch_in_epoch > 0  # else the epoch's sums were already reduced
+        C.write_json(tmp / C.rank_file(rank), {
+            "rng": C.capture_rng(self.device),
+            "loader": self.train_loader.state_dict(),
+            "epoch_sums": {"terms": {k: float(v) for k, v in self._epoch_term_sums.items()},
+                           **self._epoch_counts, "seconds": time.perf_counter() - self._epoch_start}
+            if mid_epoch else None,
+        })
+        if self.dist.is_main:
+            if self.teacher is not None:
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.teacher.module.state_dict().items()},
+                          str(tmp / C.TEACHER_FILE))
+            teacher = self.teacher.state_dict() if self.teacher is not None else None
+            C.write_json(tmp / C.STATE_FILE, {
+                "train_state": dataclasses.asdict(self.state),
+                "teacher": None if teacher is None else {k: teacher[k] for k in ("momentum", "num_updates")},
+                "config": to_dict(self.cfg),
+                "versions": C.package_versions(),
+                "world_size": self.dist.world_size,
+                "num_threads": torch.get_num_threads(),
+                "steps_per_epoch": self.steps_per_epoch,
+                "scheduler": {"class": type(self.scheduler).__name__, "last_epoch": self.scheduler.last_epoch,
+                              "lr": self.scheduler.get_last_lr()},
+                "global_steps": self.engine.global_steps,
+            })
+        D.barrier()  # every rank closed its files
+        if self.dist.is_main:
+            C.publish(self.ckpt_dir, tmp, tag, self.state.step)
+            if is_best:
+                C.point_alias(self.ckpt_dir, "best", tag)
+            C.prune(self.ckpt_dir, self.cfg.run.keep_checkpoints)
+        D.barrier()
+        self._last_tag = tag
+        return self.ckpt_dir / tag
 
     def evaluate(self) -> dict[str, Any]:
         # BN buffers are already identical across ranks: averaged after every optimizer step.
@@ -379,40 +588,77 @@ class Trainer:
             f"{self.steps_per_epoch} optimizer steps/epoch, static {self.mac_profile.static() / 1e9:.4f} GMACs"
         )
         record: dict[str, Any] = {}
-        for epoch in range(self.state.epoch, cfg.schedule.epochs):
-            train_means = self.train_epoch(epoch)
-            self.state.epoch = epoch + 1
-            last = self.state.epoch == cfg.schedule.epochs or self._done()
-            if last or self.state.epoch % cfg.run.eval_every == 0:
-                record = {"epoch": self.state.epoch, "step": self.state.step, **self.evaluate(),
-                          "loss": {k: v for k, v in train_means.items() if k != "images_per_sec"},
-                          "images_per_sec": train_means["images_per_sec"],
-                          "lr": self.scheduler.get_last_lr()[0]}
-                self.log.metrics(record)
-                self.log.print(
-                    f"epoch {record['epoch']} step {record['step']}: top-1 {record['top1']:.2f} %, "
-                    f"{record['gmacs']:.4f} GMACs ({record['mac_ratio']:.3f} of static), "
-                    f"exec rate {record['exec_rate']:.3f}, loss {train_means.get('total', math.nan):.4f}, "
-                    f"{train_means['images_per_sec']:.0f} img/s"
-                )
-            if self._done():
-                break
+        self.signals.install()  # SIGUSR2/SIGTERM only set a flag from here on; restored below
+        try:
+            for epoch in range(self.state.epoch, cfg.schedule.epochs):
+                if self._done():
+                    break
+                train_means = self.train_epoch(epoch)
+                self.state.epoch, self.state.batch_in_epoch = epoch + 1, 0
+                last = self.state.epoch == cfg.schedule.epochs or self._done()
+                evaluated = None
+                if last or self.state.epoch % cfg.run.eval_every == 0:
+                    record = evaluated = {"epoch": self.state.epoch, "step": self.state.step, **self.evaluate(),
+                                          "loss": {k: v for k, v in train_means.items() if k != "images_per_sec"},
+                                          "images_per_sec": train_means["images_per_sec"],
+                                          "lr": self.scheduler.get_last_lr()[0]}
+                    self.log.metrics(record)
+                    self.log.print(
+                        f"epoch {record['epoch']} step {record['step']}: top-1 {record['top1']:.2f} %, "
+                        f"{record['gmacs']:.4f} GMACs ({record['mac_ratio']:.3f} of static), "
+                        f"exec rate {record['exec_rate']:.3f}, loss {train_means.get('total', math.nan):.4f}, "
+                        f"{train_means['images_per_sec']:.0f} img/s"
+                    )
+                # Every epoch end: agree (a signal may have come during the evaluation), then save
+                # after the evaluation, so a resume never evaluates this epoch twice.
+                stop, _ = self._agree()
+                path = self.save_checkpoint(evaluated)
+                if stop:
+                    raise Preempted(stop, path)
+            if self.dist.is_main and self._last_tag is not None:
+                C.point_alias(self.ckpt_dir, "final", self._last_tag)
+            D.barrier()
+        finally:
+            self.signals.restore()
+            self.log.close()
+        if not record:  # resumed after the end: the last evaluation is already on disk
+            lines = (self.out_dir / "metrics.jsonl").read_text().splitlines() \
+                if (self.out_dir / "metrics.jsonl").is_file() else []
+            record = json.loads(lines[-1]) if lines else {}
         if record:
             self.log.print("\nResults (final evaluation of the dynamic network, closed blocks skipped)\n"
                            + results_table(record))
-        self.log.close()
         return record
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    """Train as ``cfg`` says; returns the final evaluation record."""
-    return Trainer(cfg).fit()
+    """Train as ``cfg`` says; returns the final evaluation record.
+
+    Called again on the same ``run.out_dir`` it resumes (``run.resume: auto``). On SIGUSR2 /
+    SIGTERM it saves a checkpoint and raises :class:`Preempted` on every rank.
+    """
+    trainer = Trainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer._undo_deterministic()
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """``spnet-train``. Exit status: 0 done, 2 bad config or unsafe resume, 3 diverged
+    (``run.max_bad_steps``), 75 preempted after saving (run the same command again)."""
     cfg = parse_args(argv, description="Train an SP-Net dynamic-inference ResNet (DeepSpeed, CPU or GPU).")
     try:
         main(cfg)
+    except ResumeMismatch as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(C.EXIT_DIVERGED) from None
+    except Preempted as err:
+        print(str(err), file=sys.stderr, flush=True)
+        raise SystemExit(C.EXIT_PREEMPTED) from None
     finally:
         D.destroy()  # an orderly shutdown of the process group (NCCL warns otherwise)
 

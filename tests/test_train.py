@@ -191,11 +191,12 @@ def test_bad_config_fails_before_anything_is_created(tmp_path, capsys):
     assert not out_dir.exists()
 
 
-def test_an_existing_run_directory_is_never_overwritten(tiny_config):
+def test_an_existing_run_directory_is_never_overwritten_with_resume_never(tiny_config):
     cfg = tiny_config("run.max_steps=2")
     train.main(cfg)
     out_dir = Path(cfg.run.out_dir)
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
+    cfg.run.resume = "never"
     with pytest.raises(FileExistsError, match="run.out_dir"):
         train.main(cfg)
     assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before

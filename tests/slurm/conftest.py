@@ -1,0 +1,47 @@
+"""A real SLURM cluster (tests/slurm/cluster.py) for the tests marked ``slurm``, once per session.
+
+Skipped, with the reason, only where it cannot exist: not root, or no apt-get to install Debian's
+packages. Under CI (``CI`` set) those reasons fail the tests instead of skipping them silently.
+"""
+import os
+
+import pytest
+
+from . import cluster
+
+STATE_DIR = cluster.DEFAULT_DIR
+
+
+def _cannot_run() -> str | None:
+    if os.geteuid() != 0:
+        return "the SLURM test cluster needs root (Debian packages, munged and slurmd as system daemons)"
+    if cluster.missing_programs() and cluster.can_install():
+        return f"SLURM packages missing and cannot be installed: {cluster.can_install()}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """Start MariaDB, munged, slurmdbd, slurmctld and slurmd n1/n2; stop exactly those afterwards.
+
+    Yields the client environment (``SLURM_CONF``), which is also exported to this process so
+    that submitit's sbatch/sacct/scontrol calls and srun find the cluster.
+    """
+    reason = _cannot_run()
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the slurm tests, but {reason}")
+        pytest.skip(reason)
+    cluster.stop(STATE_DIR)  # daemons a crashed earlier session recorded (by PID, never by name)
+    env = cluster.start(STATE_DIR)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        cluster.stop(STATE_DIR)

@@ -1,0 +1,94 @@
+"""spnet-train on a directory that already holds a run: the README's resume rules, end to end."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from spnet_dist import checkpoint as C
+from spnet_dist import train
+
+from .conftest import REPO_ROOT, tiny_overrides
+from .resume_hooks import interruptions
+
+pytestmark = [pytest.mark.usefixtures("own_process_group"), pytest.mark.slow]
+
+DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
+
+
+def _cli(digits_root, out_dir, *extra):
+    """One attempt of the CLI as a fresh process would run it; returns its exit status."""
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # left by the previous attempt's 1-rank group
+        os.environ.pop(var, None)
+    try:
+        train.cli(["--config", DEMO, *tiny_overrides(digits_root, out_dir), "run.tensorboard=false", *extra])
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_preempted_exit_status_unsafe_change_refused_safe_change_resumes(digits_root, tmp_path, capsys):
+    out = tmp_path / "run"
+    with interruptions(signal_step=2):
+        assert _cli(digits_root, out, "run.stop_check_every=1") == C.EXIT_PREEMPTED
+    assert "stopped by SIGUSR2" in capsys.readouterr().err
+    assert C.resolve_checkpoint(out).name == "step_00000002"
+
+    before = _snapshot(out)
+    assert _cli(digits_root, out, "optim.lr=0.2", "loss.beta=0") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: run.resume:") and "optim.lr: 0.1 -> 0.2" in err and "loss.beta: 0.5 -> 0.0" in err
+    assert _snapshot(out) == before  # nothing written, nothing lost
+
+    assert _cli(digits_root, out, "run.log_every=3", "data.num_workers=0") == 0  # safe changes
+    printed = capsys.readouterr().out
+    assert "resumed from step_00000002" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 6)]
+    assert C.resolve_checkpoint(out, "final").name == "step_00000006"
+
+
+def test_a_run_that_died_during_set_up_starts_again_in_place(digits_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+
+    def node_lost(cfg):
+        raise RuntimeError("node lost during set-up")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train, "build_model", node_lost)
+        with pytest.raises(RuntimeError, match="node lost"):
+            _cli(digits_root, out)
+    assert (out / "config.yaml").is_file() and not (out / "checkpoints").exists()
+
+    assert _cli(digits_root, out) == 0
+    assert "holds a run without a checkpoint: starting it again from step 0" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in records] == [(1, 6)]
+
+    # The same directory with a different model is not this run: refused before any work.
+    assert _cli(digits_root, out, "model.router_hidden=16") == 2
+    assert "model.router_hidden: 128 -> 16" in capsys.readouterr().err
+
+
+def test_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(digits_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = train.Trainer.train_step
+
+    def poisoned(self, images, targets):  # from step 3 on the inputs are NaN: loss and weights too
+        if self.state.step >= 2:
+            images = torch.full_like(images, float("nan"))
+        return original(self, images, targets)
+
+    monkeypatch.setattr(train.Trainer, "train_step", poisoned)
+    status = _cli(digits_root, out, "run.max_bad_steps=2", "run.stop_check_every=1", "run.checkpoint_every=2")
+    assert status == C.EXIT_DIVERGED
+    err = capsys.readouterr()
+    assert "3 steps with a non-finite loss (run.max_bad_steps=2) by step 5" in err.err
+    assert "step 4: non-finite losses since the last check; no checkpoint written" in err.out
+    assert C.resolve_checkpoint(out).name == "step_00000002"  # sealed, valid, the newest
+    assert not (out / "checkpoints" / "step_00000004").exists()
