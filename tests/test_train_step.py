@@ -79,7 +79,7 @@ def test_teacher_execution_path_is_a_config_choice():
     assert resolve_teacher_execution("auto", torch.device("cpu")) == "skip"
     images, targets = batch()
     for choice, mode, nonzeros in (("masked", "masked", 0), ("skip", "skip", 9), ("auto", "skip", 9)):
-        step = make_step(f"teacher.execution={choice}")
+        step = make_step(f"teacher.execution={choice}", "teacher.forward_mode=eval")  # only eval mode skips
         assert {b.execution for b in step.teacher.module.gated_blocks()} == {mode}
         assert {b.execution for b in step.model.gated_blocks()} == {"masked"}  # the student never skips
         with HostSyncCounter(patch_accelerator=False) as syncs:
@@ -88,7 +88,7 @@ def test_teacher_execution_path_is_a_config_choice():
 
 
 def test_skip_and_masked_teachers_give_the_same_outputs():
-    step = make_step("teacher.execution=masked")
+    step = make_step("teacher.execution=masked", "teacher.forward_mode=eval")
     images = batch()[0]
     masked = step.teacher(images)
     step.teacher.module.set_execution("skip")
