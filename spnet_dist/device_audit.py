@@ -4,7 +4,7 @@ On CPU every tensor lives on the same device and a host sync costs nothing, so t
 bug pass every CPU test and only show up on the first GPU job:
 
 * a tensor created without ``device=`` lands on the CPU and later meets a CUDA tensor
-  (``torch.stack`` / ``cat`` / arithmetic refuse mixed devices: the epoch-end crash of issue 6);
+  (``torch.stack`` / ``cat`` / arithmetic refuse mixed devices: the epoch-end crash every GPU run would have hit);
 * a ``.item()``, ``float(t)``, ``nonzero()`` or ``accelerator.synchronize()`` inside the step
   stalls the GPU queue every micro-batch.
 

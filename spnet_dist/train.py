@@ -212,7 +212,7 @@ def pack_epoch_sums(sums: dict[str, torch.Tensor], micro_batches: int, images: i
     """The epoch's loss sums and counters as one float64 tensor ON ``device`` (for one all-reduce).
 
     Every piece is created on ``device`` before stacking: ``torch.stack`` refuses to mix a CUDA
-    loss sum with a CPU counter (the epoch-end crash of issue 6).
+    loss sum with a CPU counter (the epoch-end crash every GPU run would have hit).
 
     Args:
         sums: per-term sums of the detached losses (tensors on the training device).

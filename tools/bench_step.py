@@ -1,5 +1,6 @@
 """Benchmark: cost of a full SP-Net training step relative to a vanilla gated step, before and
-after the hot-path changes of issue 6, with the host-device synchronisations of each step.
+after the GPU hot-path changes (hookless teacher, no throughput timer, cached EMA update,
+vectorised L_evo), with the host-device synchronisations of each step.
 
 Every variant runs the same gated model through the same DeepSpeed engine in this process:
 
@@ -52,7 +53,7 @@ CASES = {
 # ------------------------------------------------------------------ the implementations replaced
 @torch.no_grad()
 def legacy_teacher_update(teacher: EMATeacher, student: torch.nn.Module) -> None:
-    """The EMA update before issue 6: names matched and tensors cast every step, buffers copied one by one."""
+    """The EMA update before the hot-path changes: names matched and tensors cast every step, buffers copied one by one."""
     weight = 1.0 - teacher.momentum
 
     def matching(named, like):
@@ -69,7 +70,7 @@ def legacy_teacher_update(teacher: EMATeacher, student: torch.nn.Module) -> None
 
 
 def legacy_evolution_loss(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L_evo before issue 6: a Python loop over consecutive pairs of differences."""
+    """L_evo before vectorisation: a Python loop over consecutive pairs of differences."""
     if len(features) < 3:
         return torch.zeros((), device=features[0].device if features else None)
     fs = [f.float() for f in features]
