@@ -194,6 +194,12 @@ def slurm_launch_env(environ: Mapping[str, str] | None = None) -> dict[str, str]
     }
 
 
+# Launcher variables init_distributed exported for a plain process (DeepSpeed reads them). They
+# must not outlive the group: a second init in the same process (main() called twice, the next
+# test) would otherwise take them for a launcher's and look for MASTER_ADDR.
+_EXPORTED_FOR_PLAIN_PROCESS: list[str] = []
+
+
 def init_distributed(backend: str = "auto", timeout: timedelta | None = None) -> DistInfo:
     """Initialise torch.distributed once and describe this rank. Idempotent.
 
@@ -233,7 +239,9 @@ def init_distributed(backend: str = "auto", timeout: timedelta | None = None) ->
     else:
         rank, world_size, local_rank = 0, 1, 0
         for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-            os.environ.setdefault(var, value)
+            if var not in os.environ:
+                os.environ[var] = value
+                _EXPORTED_FOR_PLAIN_PROCESS.append(var)  # destroy() takes them back
         kwargs["store"] = dist.HashStore()
 
     device = _select_device(local_rank)
@@ -303,6 +311,8 @@ def destroy() -> None:
     """
     if _initialized():
         dist.destroy_process_group()
+    while _EXPORTED_FOR_PLAIN_PROCESS:
+        os.environ.pop(_EXPORTED_FOR_PLAIN_PROCESS.pop(), None)
     groups = sys.modules.get("deepspeed.utils.groups")
     if groups is not None:
         for name in _DEEPSPEED_GROUP_CACHES:

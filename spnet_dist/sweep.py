@@ -203,6 +203,7 @@ def _move_aside(run_dir: Path) -> Optional[Path]:
 
 
 TRAIN_COMMAND = (sys.executable, "-m", "spnet_dist.train")
+_LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def run_one(sweep: Sweep, variant: Variant, seed: int, threads: int, nice: int,
@@ -222,7 +223,11 @@ def run_one(sweep: Sweep, variant: Variant, seed: int, threads: int, nice: int,
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     overrides = sweep.run_overrides(variant, seed)
     cmd = [*command, "--config", str(sweep.base), *overrides]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    # Each run is its own single-process job: launcher variables of this process (a sweep started
+    # under torchrun, or after init_distributed in the same interpreter) must not make the child
+    # believe it is one rank of a larger job.
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_path = run_dir.parent / f"seed{seed}.log"
     start = time.monotonic()
     with open(log_path, "w") as log:

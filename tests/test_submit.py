@@ -131,7 +131,10 @@ def test_local_executor_job_survives_two_time_limits_with_identical_weights(digi
     starts the local controller allows. Nothing is asserted about time.
     """
     job_environment(monkeypatch)
-    epochs = 4
+    # Long enough that a third of the training (one attempt) is several seconds more than the
+    # jitter of the set-up time estimated from the reference: with 4 epochs (~8 s of training)
+    # one attempt once trained 110 of 176 steps and the job hit only one time limit.
+    epochs = 10
     started = time.monotonic()
     reference = run_reference(digits_root, tmp_path / "reference", epochs)
     total = time.monotonic() - started

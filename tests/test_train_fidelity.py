@@ -49,7 +49,7 @@ def test_new_choice_fields_are_validated(field):
         _cfg(f"{field}=bogus")
 
 
-def test_grad_clamp_bounds_the_first_sgd_step(tiny_config):
+def test_grad_clamp_bounds_the_first_sgd_step(tiny_config, own_process_group):
     # No weight decay, first SGD step (momentum buffer = gradient): |Δθ| = lr · |clamped grad|.
     limit, lr = 1e-3, 0.1
     cfg = tiny_config(f"loss.grad_clamp={limit}", "engine.zero_stage=0", "optim.weight_decay=0",

@@ -168,6 +168,10 @@ def test_killed_rank_ends_the_job_and_the_requeued_job_resumes(
         stale.unlink()
     job.watcher.clear()
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
+    # Until the controller has moved it, the job still reads FAILED, and job.results() would take
+    # that final state for the answer and give up waiting for a result file.
+    _wait("the job to leave FAILED", lambda: (s := job.get_info(mode="force").get("State")) and
+          not s.startswith("FAILED") and s, timeout=120, every=2)
     records = job.results()
     last_attempt = log.read_text().split("Starting with JobEnvironment")[-1]
     assert f"step_{resume_from:08d}" in last_attempt  # it resumed from the newest checkpoint

@@ -1,6 +1,5 @@
-"""Worker: train with the real Trainer, then write a checkpoint in the run-directory layout.
-
-Until the trainer writes checkpoints itself, this is the layout spnet-export reads::
+"""Worker: train with the real Trainer, which writes its checkpoints in the run-directory layout
+spnet-export reads::
 
     RUN/checkpoints/<tag>/        engine.save_checkpoint(RUN/checkpoints, tag=<tag>) on every rank
     RUN/checkpoints/<tag>/teacher.safetensors   teacher parameters + buffers, fp32 (rank 0)
@@ -32,15 +31,12 @@ def main() -> None:
     a = p.parse_intermixed_args()
     cfg = load_config(a.config, a.overrides)
     trainer = Trainer(cfg)
-    trainer.fit()
+    trainer.fit()  # ends with the `final` checkpoint
     run = Path(cfg.run.out_dir)
     tag = f"step_{trainer.state.step:08d}"
-    trainer.engine.save_checkpoint(str(run / "checkpoints"), tag=tag)  # every rank
     if trainer.dist.is_main:
-        teacher = trainer.teacher.module.state_dict()
-        save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-                   for k, v in teacher.items()}, str(run / "checkpoints" / tag / "teacher.safetensors"))
-        (run / "checkpoints" / "final").symlink_to(tag)
+        final = run / "checkpoints" / "final"
+        assert final.resolve().name == tag and (final / "teacher.safetensors").is_file(), sorted(final.parent.iterdir())
         images = torch.stack([trainer.val_loader.dataset[i][0] for i in range(48)])
         model = trainer.model
         model.eval()

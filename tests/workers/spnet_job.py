@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from spnet_dist import train as train_module  # noqa: E402
+from spnet_dist.data import build as data_build  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
 from spnet_dist.train import Trainer  # noqa: E402
 
@@ -53,14 +53,15 @@ class RecordingDataset(Dataset):
 def record_shards(cfg, out: Path) -> None:
     assert cfg.data.num_workers == 0, "the recording dataset only sees reads in this process"
     recorded = []
-    build_datasets = train_module.build_datasets
+    build_datasets = data_build.build_datasets
 
-    def build_recording_datasets(data_cfg):
-        datasets = tuple(RecordingDataset(d) for d in build_datasets(data_cfg))
+    def build_recording_datasets(*args, **kwargs):
+        datasets = tuple(RecordingDataset(d) for d in build_datasets(*args, **kwargs))
         recorded.extend(datasets)
         return datasets
 
-    train_module.build_datasets = build_recording_datasets  # what the Trainer calls
+    # What the Trainer's build_loaders calls (torchvision backend: the digits default).
+    data_build.build_datasets = build_recording_datasets
     trainer = Trainer(cfg)
     train_set, val_set = recorded
     for _ in trainer.train_loader:  # one epoch
