@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .models.factory import MODEL_NAMES, create_model
+from .models.fuse import optimize_for_inference
 from .models.resnet import GatedResNet
 
 EXPORT_FORMAT = "spnet-dist-export/1"
@@ -131,7 +132,7 @@ def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], sou
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
-               execution: str = "skip", channels_last: bool = True) -> nn.Module:
+               execution: str = "skip", channels_last: bool = True, optimize: bool = True) -> nn.Module:
     """Load an ``spnet-export`` directory as an eval-mode model (torch + safetensors only).
 
     Args:
@@ -144,6 +145,10 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
             stem's max-pool alone runs ~20x faster than in NCHW at batch 1 (measured; see
             tools/bench_inference.py), which is time every sample pays whatever its gates say;
             GPUs prefer NHWC for mixed precision too. Same outputs up to float rounding.
+        optimize: fold every BatchNorm into the layer before it and compute strided 1x1
+            projections as subsample + convolution (:mod:`spnet_dist.models.fuse`): same
+            function up to float rounding, faster (most at batch 1); such a model cannot be put
+            back into training mode. ``False`` gives the network exactly as trained.
 
     Returns:
         The :class:`~spnet_dist.models.GatedResNet` in eval mode; for a ``--static`` export
@@ -167,7 +172,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         return _place(model, device, channels_last)
     model = build_exported(config, weights, weights_path)
     model.set_execution(execution)
-    return _place(model, device, channels_last)
+    model = _place(model, device, channels_last)
+    return optimize_for_inference(model) if optimize else model
 
 
 def _place(model: nn.Module, device: Union[str, torch.device], channels_last: bool) -> nn.Module:
