@@ -44,7 +44,7 @@ def export_onnx(model: GatedResNet, path: str | Path, image_size: int) -> Path:
     masked.set_execution("masked")
     example = torch.zeros(2, masked.in_chans, image_size, image_size)
     program = torch.onnx.export(
-        MaskedForward(masked), (example,), dynamo=True, input_names=["images"],
+        MaskedForward(masked).eval(), (example,), dynamo=True, input_names=["images"],
         output_names=["logits", "gate_decisions"], dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
     program.save(str(path))
     return Path(path)

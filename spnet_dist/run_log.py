@@ -21,9 +21,12 @@ class RunLogger:
     enabled: False on every rank but the main one.
     progress: "auto" | "bar" | "log" | "none" (config ``run.progress``).
     tensorboard: write TensorBoard scalars under ``out_dir/tensorboard``.
+    purge_step: the first step a resumed run logs again (earlier attempts' events at or after it
+        are superseded).
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, progress: str = "auto", tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: Path, enabled: bool, progress: str = "auto", tensorboard: bool = True,
+                 purge_step: Optional[int] = None) -> None:
         self.out_dir = Path(out_dir)
         self.enabled = enabled
         if progress == "auto":
@@ -34,7 +37,9 @@ class RunLogger:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # import cost only where used
 
-            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+            # A resumed run logs again the steps after its checkpoint that a killed attempt had
+            # already logged: purge_step makes TensorBoard drop those earlier events.
+            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
 
     # ------------------------------------------------------------------ progress
     def start_epoch(self, epoch: int, total_steps: int) -> None:

@@ -292,7 +292,8 @@ class Trainer:
         self.ckpt_dir = out_dir / C.CHECKPOINTS
         # ============ run directory: a fresh run, or resume (rank 0 decides, every rank obeys) ============
         self.resume_from = self._plan_run_directory()
-        self.log = RunLogger(out_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard)
+        self.log = RunLogger(out_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard,
+                             purge_step=self._restart_step)
 
         # ============ data: rank 0 prepares and scans, the others read its file list ============
         micro = micro_batch_size(cfg, self.dist.world_size)
@@ -340,6 +341,7 @@ class Trainer:
         """
         cfg, out_dir = self.cfg, self.out_dir
         plan, error = None, None
+        self._restart_step: Optional[int] = None  # first step this attempt logs again (rank 0 decides)
         if self.dist.is_main:
             try:
                 plan = C.plan_resume(out_dir, cfg.run.resume, to_dict(cfg))
@@ -357,6 +359,9 @@ class Trainer:
             # Records a resumed run will write again (evaluated after the checkpoint was sealed).
             saved = C.read_state(plan.checkpoint)["train_state"] if plan.checkpoint else {"epoch": 0, "step": 0}
             C.truncate_metrics(out_dir / "metrics.jsonl", saved["epoch"], saved["step"])
+            # Everything logged up to the checkpoint's step stands (its evaluation included: the
+            # epoch-end checkpoint is sealed after it); later events are about to be logged again.
+            self._restart_step = saved["step"] + 1 if plan.existing or plan.checkpoint else None
             save_config(self.cfg, out_dir / "config.yaml")  # the resolved config of this attempt
             if plan.checkpoint is not None:
                 print(f"resuming from {plan.checkpoint}", flush=True)

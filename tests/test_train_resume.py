@@ -92,3 +92,38 @@ def test_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(digits_roo
     assert "step 4: non-finite losses since the last check; no checkpoint written" in err.out
     assert C.resolve_checkpoint(out).name == "step_00000002"  # sealed, valid, the newest
     assert not (out / "checkpoints" / "step_00000004").exists()
+
+
+def test_tensorboard_drops_what_a_killed_attempt_logged_after_its_checkpoint(digits_root, tmp_path, monkeypatch):
+    # A node is lost after step 3; the last checkpoint is step 2. The resumed attempt logs every
+    # 2nd step (a safe change), so it never logs step 3 again: the dead attempt's step-3 values
+    # must not stay in TensorBoard next to the resumed run's (TensorBoard's reader only drops
+    # values whose step is logged again).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    original = train.Trainer.train_step
+
+    def crash_after_step_3(self, images, targets):  # step 3 was logged; step 4 never happens
+        if self.state.step == 3:
+            raise RuntimeError("node lost")
+        return original(self, images, targets)
+
+    def cli(*extra):
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+            os.environ.pop(var, None)
+        train.cli(["--config", DEMO, *tiny_overrides(digits_root, out), "run.checkpoint_every=2", *extra])
+
+    with monkeypatch.context() as mp:
+        mp.setattr(train.Trainer, "train_step", crash_after_step_3)
+        with pytest.raises(RuntimeError, match="node lost"):
+            cli("run.log_every=1")
+    assert C.resolve_checkpoint(out).name == "step_00000002"
+    logged = EventAccumulator(str(out / "tensorboard"))
+    logged.Reload()
+    assert [e.step for e in logged.Scalars("train/total")] == [1, 2, 3]
+    cli("run.log_every=2")
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per attempt
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/total")] == [1, 2, 4, 6]
