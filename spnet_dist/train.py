@@ -283,6 +283,14 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self._undo_deterministic = C.set_deterministic(cfg.run.deterministic)  # before any CUDA/cuBLAS call
+        try:
+            self._set_up()
+        except BaseException:
+            self._undo_deterministic()  # a failed set-up leaves the process as it found it
+            raise
+
+    def _set_up(self) -> None:
+        cfg = self.cfg
         # ============ distributed ... ============
         # A collective that waits longer than engine.timeout_min (a rank died or hangs) raises,
         # so the job ends and can be requeued instead of holding its nodes until the time limit.

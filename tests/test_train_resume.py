@@ -127,3 +127,18 @@ def test_tensorboard_drops_what_a_killed_attempt_logged_after_its_checkpoint(dig
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/total")] == [1, 2, 4, 6]
+
+
+def test_a_failed_set_up_leaves_deterministic_mode_as_it_found_it(digits_root, tmp_path, monkeypatch):
+    # spnet-sweep and notebooks run several trainings in one process: run.deterministic of a
+    # run whose set-up fails (here: a refused resume) must not stay switched on for the next.
+    out = tmp_path / "run"
+
+    def node_lost(cfg):
+        raise RuntimeError("node lost during set-up")
+
+    monkeypatch.setattr(train, "build_model", node_lost)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="node lost"):
+        _cli(digits_root, out, "run.deterministic=true")
+    assert not torch.are_deterministic_algorithms_enabled()
