@@ -57,8 +57,8 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_command(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: float = 300,
-                tail: int = 60) -> subprocess.CompletedProcess:
-    """Run ``cmd`` in its own session; on failure or timeout raise with the output's tail.
+                tail: int = 60, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on a timeout (or a failure, with ``check``) raise with the output's tail.
 
     The job gets its own process group so a timeout can stop the launcher *and* its ranks
     (by that group's id) instead of leaving orphans behind.
@@ -68,6 +68,7 @@ def run_command(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: 
         env: extra environment variables (on top of :func:`child_env`).
         timeout: seconds before the whole job is killed.
         tail: number of output lines shown in the error.
+        check: raise on a non-zero exit status (False: the caller inspects ``returncode``).
     """
     proc = subprocess.Popen(list(cmd), env=child_env(env), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -78,7 +79,7 @@ def run_command(cmd: Sequence[str], env: dict[str, str] | None = None, timeout: 
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         raise RuntimeError(f"timed out after {timeout}s: {' '.join(cmd)}\n{_tail(out, tail)}")
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise RuntimeError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{_tail(out, tail)}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
 

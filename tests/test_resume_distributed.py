@@ -2,12 +2,8 @@
 
 Real torchrun jobs on 2 CPU ranks (gloo, ZeRO-2), digits at 8x8 px, a few steps.
 """
-import os
-import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +16,7 @@ from spnet_dist import train
 from spnet_dist.config import load_config
 
 from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import WORKERS, child_env, free_port
+from .dist_helpers import WORKERS, free_port, run_command
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -33,20 +29,9 @@ def _torchrun(args, timeout=600):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(WORKERS / "resume_job.py"), "--config", DEMO, *args]
-    # A private build directory for DeepSpeed's shm op: the default one is shared by every
-    # virtualenv on the machine, and a rebuild by another holds its lock for minutes.
-    env = child_env({"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                            str(Path(sys.prefix) / "torch_extensions"))})
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, cwd=str(REPO_ROOT), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"job still running after {timeout}s (a hang):\n{out[-4000:]}")
-    return proc.returncode, out, time.monotonic() - start
+    done = run_command(cmd, timeout=timeout, check=False)  # a timeout (a hang) raises
+    return done.returncode, done.stdout, time.monotonic() - start
 
 
 def test_world_size_two_to_one_resumes_by_the_documented_rule(digits_root, tmp_path, own_process_group, capsys):
