@@ -147,12 +147,14 @@ def test_load_model_sets_capacities_from_the_measured_rates(exported, tmp_path):
     assert plain.skip_capacities(32, "cuda") == [32] * plain.num_blocks  # no measurement: rate 1, C = B
     rates = (reference.gate_decisions.mean(0) * 0.5 + 0.25).tolist()  # 9 rates, not the batch's own
     measured = _with_measured_rates(out, tmp_path, rates)
-    for model in (load_model(measured, skip_strategy="capacity"),
-                  timm.create_model("spnet_cifar_resnet20", pretrained=True,
-                                    pretrained_cfg_overlay=dict(file=str(measured / "model.safetensors")))):
+    for model, strategy in ((load_model(measured, skip_strategy="capacity"), "capacity"),
+                            (timm.create_model("spnet_cifar_resnet20", pretrained=True,
+                                               pretrained_cfg_overlay=dict(file=str(measured / "model.safetensors"))),
+                             "auto")):
         assert [b.expected_rate for b in model.gated_blocks()] == rates
+        assert {b.skip_strategy for b in model.gated_blocks()} == {strategy}
+    assert {b.skip_strategy for b in create_model("spnet_cifar_resnet20").gated_blocks()} == {"gather"}
     model = load_model(measured, skip_strategy="capacity")
-    assert {b.skip_strategy for b in model.gated_blocks()} == {"capacity"}
     model.set_skip_capacity(rates=reference.gate_decisions.mean(0).tolist(), margin=0.5, multiple=1)
     with torch.no_grad(), HostSyncCounter(patch_accelerator=False) as syncs:
         got = model(x)

@@ -18,7 +18,9 @@ The skipping path has two strategies (``GatedBlock.skip_strategy``):
   device-side overflow flag; the network reads the OR of all flags once per forward and redoes
   the forward with ``"gather"`` if any is set, so the output is always exact.
 
-``"auto"`` (default) picks capacity for CUDA inputs and gather elsewhere.
+``"auto"`` picks capacity for CUDA inputs and gather elsewhere: the default of exported models
+(``load_model``, timm ``pretrained=True``). Models built by ``create_model`` default to gather,
+so the trainer's evaluation and eval-mode teacher keep their documented behaviour.
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ class GatedBlock(nn.Module):
     # "skip": in eval mode only the samples whose gate is open run the residual branch.
     execution: str = "masked"
     # How "skip" runs (module docstring): "auto" | "gather" | "capacity".
-    skip_strategy: str = "auto"
+    skip_strategy: str = "gather"
     # Capacity rule (skip_capacity): expected execution rate r (1.0: capacity = batch, never
     # overflows, saves nothing; load_model sets the export's measured rates), margin k, and
     # rounding multiple m (None: 8 on CUDA, 1 elsewhere).
