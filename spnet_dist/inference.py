@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from .models.blocks import SKIP_STRATEGIES
 from .models.factory import MODEL_NAMES, create_model
 from .models.fuse import optimize_for_inference
 from .models.resnet import GatedResNet
@@ -110,9 +111,37 @@ def pretrained_cfg(config: dict[str, Any], file: Union[str, Path]) -> dict[str, 
                 crop_pct=pre.get("crop_pct", 1.0))
 
 
+def measured_rates(config: dict[str, Any], num_blocks: int, source: Union[str, Path]) -> Optional[list[float]]:
+    """The per-block execution rates measured at the end of training (``measured.exec_rates``).
+
+    Args:
+        config: the export's ``config.json``.
+        num_blocks: gated blocks of the network.
+        source: file named in errors.
+
+    Returns:
+        One rate per block, or None if the export holds no measurement (not exported from a run).
+
+    Raises:
+        ExportError: the rates are not ``num_blocks`` numbers in [0, 1].
+    """
+    rates = (config.get("measured") or {}).get("exec_rates")
+    if rates is None:
+        return None
+    if (not isinstance(rates, list) or len(rates) != num_blocks
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r <= 1.0 for r in rates)):
+        raise ExportError(f"{source}: measured.exec_rates must be {num_blocks} execution rates in [0, 1], "
+                          f"got {str(rates)[:80]}")
+    return [float(r) for r in rates]
+
+
 def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], source: Union[str, Path],
                    **overrides: Any) -> GatedResNet:
     """The gated inference network of an export config with ``weights`` loaded strictly.
+
+    Each block's expected execution rate (the capacity skip strategy's capacity rule) is set
+    from the rates measured at the end of training; without them it stays 1.0 (capacity =
+    batch: never overflows, saves nothing).
 
     Args:
         config: the export's ``config.json``.
@@ -127,12 +156,16 @@ def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], sou
     kwargs.update(overrides)
     model = create_model(name, **kwargs)
     load_state_strict(model, weights, source)
+    rates = measured_rates(config, model.num_blocks, Path(source).parent / CONFIG_FILE)
+    if rates is not None:
+        model.set_skip_capacity(rates=rates)
     model.pretrained_cfg = pretrained_cfg(config, source)
     return model
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
-               execution: str = "skip", channels_last: bool = True, optimize: bool = True) -> nn.Module:
+               execution: str = "skip", channels_last: bool = True, optimize: bool = True,
+               skip_strategy: str = "auto") -> nn.Module:
     """Load an ``spnet-export`` directory as an eval-mode model (torch + safetensors only).
 
     Args:
@@ -149,6 +182,12 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
             projections as subsample + convolution (:mod:`spnet_dist.models.fuse`): same
             function up to float rounding, faster (most at batch 1); such a model cannot be put
             back into training mode. ``False`` gives the network exactly as trained.
+        skip_strategy: how ``"skip"`` runs (:mod:`spnet_dist.models.blocks`): ``"gather"``
+            (exactly the open samples; one host sync per block on CUDA), ``"capacity"`` (a
+            fixed number of samples per block from the export's measured execution rates; one
+            host sync per forward, recomputed with gather if a block had more open samples) or
+            ``"auto"`` (capacity for CUDA inputs, gather elsewhere). Outputs are the same.
+            Capacities can be changed with ``model.set_skip_capacity(rates=, margin=, multiple=)``.
 
     Returns:
         The :class:`~spnet_dist.models.GatedResNet` in eval mode; for a ``--static`` export
@@ -159,6 +198,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     """
     if execution not in EXECUTION_MODES:
         raise ValueError(f"execution: must be one of {EXECUTION_MODES}, got {execution!r}")
+    if skip_strategy not in SKIP_STRATEGIES:
+        raise ValueError(f"skip_strategy: must be one of {SKIP_STRATEGIES}, got {skip_strategy!r}")
     path = Path(path)
     config = read_export_config(path)
     weights_path = path / WEIGHTS_FILE
@@ -172,6 +213,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         return _place(model, device, channels_last)
     model = build_exported(config, weights, weights_path)
     model.set_execution(execution)
+    model.set_skip_strategy(skip_strategy)
     model = _place(model, device, channels_last)
     return optimize_for_inference(model) if optimize else model
 

@@ -71,14 +71,17 @@ def test_round_trip_two_ranks_zero2_fresh_process_without_deepspeed(zero2_run, z
         f"t = timm.create_model('spnet_cifar_resnet20', pretrained=True, pretrained_cfg_overlay=dict(file={str(zero2_export / 'model.safetensors')!r})).eval()\n"
         "with torch.no_grad():\n"
         "    b = (t(ref['images']).logits - ref['logits']).abs().max().item()\n"
-        "print(json.dumps({'load_model': a, 'timm': b, 'deepspeed': 'deepspeed' in sys.modules}))\n"
+        f"cap = spnet_dist.load_model({str(zero2_export)!r}, skip_strategy='capacity')  # the CUDA default\n"
+        "with torch.no_grad():\n"
+        "    c = (cap(ref['images']).logits - ref['logits']).abs().max().item()\n"
+        "print(json.dumps({'load_model': a, 'timm': b, 'capacity': c, 'deepspeed': 'deepspeed' in sys.modules}))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     print("round trip max |logit diff|:", result)
     assert result["deepspeed"] is False
-    assert result["load_model"] < 1e-5 and result["timm"] < 1e-5
+    assert result["load_model"] < 1e-5 and result["timm"] < 1e-5 and result["capacity"] < 1e-5
 
 
 @pytest.mark.slow
@@ -91,6 +94,8 @@ def test_export_holds_no_teacher_heads_or_optimizer_state(zero2_run, zero2_expor
     config = json.loads((zero2_export / "config.json").read_text())
     record = json.loads((zero2_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert config["measured"]["exec_rates"] == record["exec_rates"] and config["measured"]["step"] == 8
+    # the capacity skip strategy sizes each block from these rates
+    assert [b.expected_rate for b in load_model(zero2_export).gated_blocks()] == record["exec_rates"]
     assert config["classes"] == [str(i) for i in range(10)]
     assert config["run_config"]["engine"]["zero_stage"] == 2 and config["versions"]["torch"]
     # The student's consolidated weights, not the teacher's: they differ after 8 EMA steps.

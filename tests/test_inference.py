@@ -9,6 +9,7 @@ import torch
 
 import spnet_dist
 from spnet_dist.config import Config
+from spnet_dist.device_audit import HostSyncCounter
 from spnet_dist.export import export_module
 from spnet_dist.inference import ExportError, load_model
 from spnet_dist.models import create_model
@@ -126,3 +127,43 @@ def test_export_module_never_overwrites(exported):
 
 def test_load_model_is_exported_from_the_package():
     assert spnet_dist.load_model is load_model
+
+
+def _with_measured_rates(out, tmp_path, rates):
+    """A copy of the export whose config.json carries ``measured.exec_rates`` (as spnet-export writes them)."""
+    copy = tmp_path / "measured"
+    copy.mkdir()
+    config = json.loads((out / "config.json").read_text())
+    config["measured"] = {"exec_rates": rates, "source": "test"}
+    (copy / "config.json").write_text(json.dumps(config))
+    (copy / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
+    return copy
+
+
+def test_load_model_sets_capacities_from_the_measured_rates(exported, tmp_path):
+    out, x, reference = exported
+    plain = load_model(out)
+    assert {b.skip_strategy for b in plain.gated_blocks()} == {"auto"}  # gather on CPU, capacity on CUDA
+    assert plain.skip_capacities(32, "cuda") == [32] * plain.num_blocks  # no measurement: rate 1, C = B
+    rates = (reference.gate_decisions.mean(0) * 0.5 + 0.25).tolist()  # 9 rates, not the batch's own
+    measured = _with_measured_rates(out, tmp_path, rates)
+    for model, strategy in ((load_model(measured, skip_strategy="capacity"), "capacity"),
+                            (timm.create_model("spnet_cifar_resnet20", pretrained=True,
+                                               pretrained_cfg_overlay=dict(file=str(measured / "model.safetensors"))),
+                             "auto")):
+        assert [b.expected_rate for b in model.gated_blocks()] == rates
+        assert {b.skip_strategy for b in model.gated_blocks()} == {strategy}
+    assert {b.skip_strategy for b in create_model("spnet_cifar_resnet20").gated_blocks()} == {"gather"}
+    model = load_model(measured, skip_strategy="capacity")
+    model.set_skip_capacity(rates=reference.gate_decisions.mean(0).tolist(), margin=0.5, multiple=1)
+    with torch.no_grad(), HostSyncCounter(patch_accelerator=False) as syncs:
+        got = model(x)
+    assert dict(syncs.counts) == {"bool": 1}  # capacity forward, no overflow
+    assert torch.equal(got.gate_decisions, reference.gate_decisions)
+    assert (got.logits - reference.logits).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="skip_strategy"):
+        load_model(out, skip_strategy="bucketed")
+    (measured / "config.json").write_text(
+        json.dumps({**json.loads((measured / "config.json").read_text()), "measured": {"exec_rates": rates[:-1]}}))
+    with pytest.raises(ExportError, match=r"measured/config.json: measured.exec_rates must be 9 execution rates"):
+        load_model(measured)

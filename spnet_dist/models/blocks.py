@@ -4,9 +4,27 @@ Each block exposes ``residual``, ``shortcut`` and ``router`` separately so the M
 measure them one by one and the skipping inference path can run ``residual`` on a subset of
 the batch. Parameter names follow torchvision (conv1/bn1/.../downsample) so torchvision
 ResNet weights load into the gated ImageNet models.
+
+The skipping path has two strategies (``GatedBlock.skip_strategy``):
+
+* ``"gather"``: the open samples are listed with ``nonzero()`` and only they run the residual.
+  Exact work, but the host must read the list to size the gathered batch: one host-device
+  synchronisation per block on CUDA (free on CPU, where nothing runs asynchronously).
+* ``"capacity"`` (mixture-of-experts style): the residual runs on a fixed number C of samples,
+  chosen on the host from the batch size alone (:func:`skip_capacity`), open samples first;
+  closed samples that fill the capacity are multiplied by their 0 gate (the masked path's
+  arithmetic). Nothing is read from the device per block, so CUDA kernels queue back to back
+  and every block sees a shape known in advance. A block whose open samples exceed C raises a
+  device-side overflow flag; the network reads the OR of all flags once per forward and redoes
+  the forward with ``"gather"`` if any is set, so the output is always exact.
+
+``"auto"`` picks capacity for CUDA inputs and gather elsewhere: the default of exported models
+(``load_model``, timm ``pretrained=True``). Models built by ``create_model`` default to gather,
+so the trainer's evaluation and eval-mode teacher keep their documented behaviour.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -14,6 +32,44 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gates import GateOutput, Router
+
+SKIP_STRATEGIES = ("auto", "gather", "capacity")
+
+
+def resolve_skip_strategy(strategy: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"capacity"`` on CUDA (no per-block host sync), ``"gather"`` elsewhere.
+
+    Args:
+        strategy: "auto" | "gather" | "capacity".
+        device: the device of the block input.
+    """
+    if strategy == "auto":
+        return "capacity" if device.type == "cuda" else "gather"
+    if strategy not in SKIP_STRATEGIES:
+        raise ValueError(f"skip_strategy: must be one of {SKIP_STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
+def skip_capacity(batch: int, rate: float, margin: float = 3.0, multiple: int = 1) -> int:
+    """Samples a block's residual runs on under the capacity strategy, from the batch size alone.
+
+    C = min(B, round_up(ceil(B r + k sqrt(B r (1 - r))), m)): the expected number of open
+    samples plus ``margin`` binomial standard deviations, so with independent decisions at the
+    block's measured rate a batch overflows rarely (k = 3: ~0.1 % per block), and an overflow
+    costs a recomputation, never a wrong result.
+
+    Args:
+        batch: B.
+        rate: r, the block's expected execution rate in [0, 1] (1: C = B, never overflows).
+        margin: k, in binomial standard deviations.
+        multiple: m; C is rounded up to a multiple of it (8 on CUDA: tensor-core friendly
+            batch sizes, and fewer distinct shapes for cuDNN's autotuner).
+    """
+    mean = batch * rate
+    # the tiny epsilon keeps float noise (10 * 0.3 = 3.0000000000000004) from adding a sample
+    need = math.ceil(mean + margin * math.sqrt(max(mean * (1.0 - rate), 0.0)) - 1e-9)
+    need = -(-need // multiple) * multiple
+    return max(0, min(batch, need))
 
 
 class GatedBlock(nn.Module):
@@ -24,6 +80,14 @@ class GatedBlock(nn.Module):
     # needs it: the router's gradient is proportional to residual(x), paper eq. 3).
     # "skip": in eval mode only the samples whose gate is open run the residual branch.
     execution: str = "masked"
+    # How "skip" runs (module docstring): "auto" | "gather" | "capacity".
+    skip_strategy: str = "gather"
+    # Capacity rule (skip_capacity): expected execution rate r (1.0: capacity = batch, never
+    # overflows, saves nothing; load_model sets the export's measured rates), margin k, and
+    # rounding multiple m (None: 8 on CUDA, 1 elsewhere).
+    expected_rate: float = 1.0
+    capacity_margin: float = 3.0
+    capacity_multiple: Optional[int] = None
 
     def residual(self, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -31,9 +95,18 @@ class GatedBlock(nn.Module):
     def shortcut(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> tuple[Tensor, GateOutput]:
+    def forward(self, x: Tensor, skip_strategy: Optional[str] = None) -> tuple[Tensor, GateOutput]:
+        """relu(shortcut(x) + v * residual(x)) and the router's verdict.
+
+        Args:
+            x: the block input (B, C, H, W).
+            skip_strategy: overrides ``self.skip_strategy`` for this call (the network's exact
+                fallback passes "gather").
+        """
         gate = self.router(x)
         if self.execution == "skip" and not self.training:
+            if resolve_skip_strategy(skip_strategy or self.skip_strategy, x.device) == "capacity":
+                return self._forward_capacity(x, gate), gate
             return self._forward_skip(x, gate), gate
         res = self.residual(x)
         out = self.shortcut(x) + res * gate.decision.view(-1, 1, 1, 1).to(res.dtype)
@@ -71,6 +144,45 @@ class GatedBlock(nn.Module):
         if not (in_place and out.dtype == dtype):
             out = out.to(dtype, copy=True)
         return out.index_add_(0, open_idx, res.to(dtype)).relu_()
+
+    def skip_capacity(self, batch: int, device: torch.device) -> int:
+        """This block's capacity C for a batch of ``batch`` on ``device`` (:func:`skip_capacity`)."""
+        multiple = self.capacity_multiple or (8 if device.type == "cuda" else 1)
+        return skip_capacity(batch, self.expected_rate, self.capacity_margin, multiple)
+
+    def _forward_capacity(self, x: Tensor, gate: GateOutput) -> Tensor:
+        """relu(shortcut(x) + v * residual(x)) with ``residual`` run on a fixed C samples, open first.
+
+        No device value is read: C comes from the batch size (``skip_capacity``), the open
+        samples are moved to the front by a stable argsort of the decisions (a device op), and
+        the first C are gathered. Their residual is multiplied by their gate, so closed samples
+        that fill the capacity add exactly 0, as in the masked path. If more than C samples are
+        open, the rest are dropped here and ``gate.overflow`` (a device bool, never read in the
+        block) tells the network to redo the forward with the gather strategy.
+        """
+        decision = gate.decision  # (B,)
+        batch = x.shape[0]
+        capacity = self.skip_capacity(batch, x.device)
+        out = self.shortcut(x)  # the shortcut always runs (projection included)
+        in_place = not torch.is_grad_enabled()
+        if capacity >= batch:  # nothing to gather: every sample runs, closed ones times 0
+            res = self.residual(x)
+            factor = decision.view(-1, 1, 1, 1).to(res.dtype)
+            if in_place and res.dtype == out.dtype:
+                return res.mul_(factor).add_(out).relu_()
+            return F.relu(out + res * factor)  # promotes like the masked path
+        gate.overflow = decision.sum() > capacity  # 0-dim bool on the device
+        if capacity == 0:
+            return out if self.shortcut_nonnegative else F.relu(out, inplace=in_place)
+        take = torch.argsort(decision, descending=True, stable=True)[:capacity]  # (C,) open first
+        # x[idx], not index_select: advanced indexing keeps a channels_last layout
+        res = self.residual(x[take])  # (C, C_out, H, W)
+        factor = decision[take].view(-1, 1, 1, 1).to(res.dtype)
+        res = res.mul_(factor) if in_place else res * factor
+        dtype = torch.promote_types(out.dtype, res.dtype)
+        if not (in_place and out.dtype == dtype):
+            out = out.to(dtype, copy=True)
+        return out.index_add_(0, take, res.to(dtype)).relu_()
 
 
 def _router(in_channels: int, router_kwargs: Optional[dict]) -> Router:

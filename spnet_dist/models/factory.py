@@ -37,7 +37,8 @@ def _build(builder: Callable[..., GatedResNet], name: str, pretrained: bool, kwa
 
 
 def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
-    """timm's ``pretrained=True`` path: the export's architecture, its weights, skipping execution."""
+    """timm's ``pretrained=True`` path: the export's architecture, its weights, skipping execution
+    (``skip_strategy="auto"``, capacities from the export's measured rates, as ``load_model``)."""
     from ..inference import ExportError, build_exported, read_export_config, read_weights
 
     config = read_export_config(file)
@@ -47,6 +48,7 @@ def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
         raise ExportError(f"{file}: holds {config['architecture']['name']!r}, not {name!r}")
     model = build_exported(config, read_weights(file), file, **kwargs)
     model.set_execution("skip")
+    model.set_skip_strategy("auto")  # as load_model: no per-block host sync on CUDA
     return model
 
 

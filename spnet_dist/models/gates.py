@@ -39,11 +39,16 @@ class GateOutput:
         prob: (B,) execution probability softmax(logits)[:, 1], no noise, differentiable.
         decision: (B,) the factor the residual branch is multiplied by: exactly 0 or 1 in the
             forward pass; in training it carries the straight-through gradient.
+        overflow: set by a block running the capacity skip strategy with fewer slots than the
+            batch: a 0-dim bool on the device, True when more samples were open than the
+            block's capacity (its output is then inexact and the network recomputes the
+            forward); None otherwise.
     """
 
     logits: Tensor
     prob: Tensor
     decision: Tensor
+    overflow: Optional[Tensor] = None
 
 
 class Router(nn.Module):

@@ -15,16 +15,19 @@ head keys missing (:func:`load_torchvision_weights` checks every other key stric
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Sequence, Union
+from typing import Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import GatedBasicBlock, GatedBlock, GatedBottleneck
+from .blocks import SKIP_STRATEGIES, GatedBasicBlock, GatedBlock, GatedBottleneck
 from .gates import autocast_off
 from .output import SPNetOutput
+
+_Result = TypeVar("_Result")
 
 # Keys a torchvision ResNet does not have: routers and the training-only heads.
 SPNET_ONLY_KEY_MARKERS = (".router.", "aux_heads.", "block_aligners.")
@@ -161,6 +164,49 @@ class GatedResNet(nn.Module):
         for block in self.gated_blocks():
             block.execution = mode
 
+    def set_skip_strategy(self, strategy: str) -> None:
+        """How the "skip" execution runs (spnet_dist.models.blocks): "gather" (exact work, one
+        host sync per block on CUDA), "capacity" (a fixed number of samples per block, one host
+        sync per forward, exact fallback on overflow) or "auto" (capacity on CUDA, gather elsewhere)."""
+        if strategy not in SKIP_STRATEGIES:
+            raise ValueError(f"skip_strategy: must be one of {SKIP_STRATEGIES}, got {strategy!r}")
+        for block in self.gated_blocks():
+            block.skip_strategy = strategy
+
+    def set_skip_capacity(self, rates: Union[float, Sequence[float], None] = None, margin: Optional[float] = None,
+                          multiple: Optional[int] = None) -> None:
+        """Set the capacity rule of the capacity skip strategy (``blocks.skip_capacity``).
+
+        Args:
+            rates: expected execution rate of every block (one value for all, or one per block in
+                execution order), each in [0, 1]; None keeps the current ones.
+            margin: binomial standard deviations added to the expected open count (>= 0); None keeps it.
+            multiple: capacities are rounded up to a multiple of it (>= 1); None keeps it.
+        """
+        blocks = list(self.gated_blocks())
+        if rates is not None:
+            values = [float(rates)] * len(blocks) if isinstance(rates, (int, float)) else [float(r) for r in rates]
+            if len(values) != len(blocks):
+                raise ValueError(f"rates: {len(values)} values for {len(blocks)} gated blocks")
+            bad = [r for r in values if not 0.0 <= r <= 1.0]
+            if bad:
+                raise ValueError(f"rates: execution rates must be in [0, 1], got {bad[0]}")
+        if margin is not None and not (math.isfinite(margin) and margin >= 0):
+            raise ValueError(f"margin: must be a finite number >= 0, got {margin}")
+        if multiple is not None and (isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1):
+            raise ValueError(f"multiple: must be an integer >= 1, got {multiple!r}")
+        for i, block in enumerate(blocks):
+            if rates is not None:
+                block.expected_rate = values[i]
+            if margin is not None:
+                block.capacity_margin = float(margin)
+            if multiple is not None:
+                block.capacity_multiple = multiple
+
+    def skip_capacities(self, batch: int, device: Union[str, torch.device] = "cpu") -> list[int]:
+        """Every block's capacity for a batch of ``batch`` on ``device`` (capacity strategy)."""
+        return [block.skip_capacity(batch, torch.device(device)) for block in self.gated_blocks()]
+
     # ---------------------------------------------------------------- forward
     def check_input(self, x: Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.in_chans or min(x.shape[-2:]) < self.min_input_size:
@@ -169,13 +215,37 @@ class GatedResNet(nn.Module):
                 f"with H, W >= {self.min_input_size}"
             )
 
+    def _exact(self, run: Callable[[Tensor, Optional[str]], tuple[_Result, Optional[Tensor]]], x: Tensor) -> _Result:
+        """``run(x, None)``, redone as ``run(x, "gather")`` if a capacity block overflowed.
+
+        The OR of the blocks' device-side overflow flags is read here, once per forward: the
+        only host sync of a capacity-strategy forward (none at all when no block has fewer
+        slots than the batch). An overflow means some open sample did not run its residual,
+        so the whole forward is recomputed with exact gathers (the in-place block sums have
+        overwritten the intermediate activations, so it cannot resume mid-network).
+        """
+        result, overflow = run(x, None)
+        if overflow is not None and bool(overflow):
+            result, _ = run(x, "gather")
+        return result
+
+    @staticmethod
+    def _any_overflow(gates: Sequence) -> Optional[Tensor]:
+        flags = [g.overflow for g in gates if g.overflow is not None]
+        return torch.stack(flags).any() if flags else None
+
     def forward_features(self, x: Tensor) -> Tensor:
         """timm-style: the final feature map (B, D, h, w); gate information is discarded."""
         self.check_input(x)
+        return self._exact(self._features_once, x)
+
+    def _features_once(self, x: Tensor, skip_strategy: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
         x = self.forward_stem(x)
+        gates = []
         for block in self.gated_blocks():
-            x, _ = block(x)
-        return x
+            x, gate = block(x, skip_strategy)
+            gates.append(gate)
+        return x, self._any_overflow(gates)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = x.mean(dim=(2, 3))  # (B, D)
@@ -183,11 +253,20 @@ class GatedResNet(nn.Module):
 
     def forward(self, x: Tensor) -> SPNetOutput:
         self.check_input(x)
+        return self._exact(self._forward_once, x)
+
+    def _forward_once(self, x: Tensor, skip_strategy: Optional[str]) -> tuple[SPNetOutput, Optional[Tensor]]:
+        """One forward; also the OR of the capacity overflow flags (None: no block can overflow).
+
+        Args:
+            x: the input images.
+            skip_strategy: None (every block's own) or the strategy forced on every block.
+        """
         x = self.forward_stem(x)
         gates, stage_pooled, block_features, block_pooled = [], [], [], []
         for stage_idx, stage in enumerate(self.stages):
             for block in stage:
-                x, gate = block(x)
+                x, gate = block(x, skip_strategy)
                 gates.append(gate)
                 if self.block_aligners is not None:
                     block_pooled.append(x.mean(dim=(2, 3)))  # (B, C_k)
@@ -207,7 +286,7 @@ class GatedResNet(nn.Module):
                     stage_logits.append(head.fc(aligned))
         stage_features.append(final)
         stage_logits.append(logits)
-        return SPNetOutput(
+        output = SPNetOutput(
             logits=logits,
             stage_logits=stage_logits,
             gate_probs=torch.stack([g.prob for g in gates], dim=1),  # (B, N)
@@ -218,6 +297,7 @@ class GatedResNet(nn.Module):
             block_stage=self.block_stage,
             block_pooled=block_pooled if self.block_aligners is not None else None,
         )
+        return output, self._any_overflow(gates)
 
     # ---------------------------------------------------------------- export
     def inference_copy(self) -> "GatedResNet":
