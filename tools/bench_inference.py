@@ -6,7 +6,10 @@ One run measures, on CPU, an exported SP-Net ResNet-50 at 224 px (``spnet_dist.l
   sample (router BN statistics and thresholds set on a calibration batch; the timed batches
   are other images, so rates and MACs are measured on them, not assumed);
 * masked ("dense": every block computed, multiplied by its 0/1 gate) and skipping runs
-  interleaved repeat by repeat, at batch 1 and batch 32;
+  interleaved repeat by repeat, at batch 1 and batch 32; batch 1 times ``--batch1-images``
+  distinct images one forward each (a single image's block pattern decides alone whether its
+  speed-up lands above or below 1 / MAC-ratio: at batch 1 the stage-4 blocks, weight-memory
+  bound, cost ~1.8x more per MAC than the others);
 * printed: median seconds (and min-max spread) of each, the measured speed-up (median of the
   per-repeat ratios masked/skip of adjacent runs, which cancels slow load changes on a shared
   machine better than a ratio of medians; its min-max in brackets), the ideal
@@ -82,15 +85,16 @@ def calibrate_routers(model, images: torch.Tensor, rate: float, seed: int = 0) -
         h.remove()
 
 
-def seconds(model, x: torch.Tensor, inner: int) -> float:
-    """Median-free single measurement: mean seconds of ``inner`` forwards."""
+def seconds(model, batches: list[torch.Tensor], inner: int) -> float:
+    """One measurement: mean seconds per forward over ``inner`` passes through ``batches``."""
     start = time.perf_counter()
     for _ in range(inner):
-        model(x)
-    return (time.perf_counter() - start) / inner
+        for x in batches:
+            model(x)
+    return (time.perf_counter() - start) / (inner * len(batches))
 
 
-def breakdown(model, x: torch.Tensor) -> dict[str, float]:
+def breakdown(model, batches: list[torch.Tensor]) -> dict[str, float]:
     """Seconds of one skipping forward spent in routers, in gathers/scatter-adds, and elsewhere."""
     originals = {}
     for block in model.gated_blocks():
@@ -105,13 +109,15 @@ def breakdown(model, x: torch.Tensor) -> dict[str, float]:
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
-            model(x)
+            for x in batches:
+                model(x)
             wall = time.perf_counter() - start
     finally:
         for router, forward in originals.items():
             router.forward = forward
     totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
-    gathers = sum(totals.get(k, 0.0) for k in ("aten::index", "aten::index_add_", "aten::nonzero"))
+    gathers = sum(totals.get(k, 0.0) for k in ("aten::index", "aten::index_select", "aten::index_add_",
+                                                 "aten::index_copy_", "aten::nonzero", "aten::argsort"))
     routers = totals.get("router", 0.0)
     return {"wall": wall, "routers": routers, "gathers": gathers, "other": wall - routers - gathers}
 
@@ -121,6 +127,9 @@ def main() -> None:
     p.add_argument("--rates", type=float, nargs="+", default=[0.5, 0.75])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch1-images", type=int, default=8,
+                   help="distinct images timed one by one at batch 1: the speed-up of a population of images, "
+                        "not of the block pattern of a single one (blocks differ ~2x in time per MAC at batch 1)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least disturbed by neighbours)")
     a = p.parse_args()
@@ -135,9 +144,11 @@ def main() -> None:
     cfg.data.format, cfg.data.image_size = "imagefolder", a.size
     g = torch.Generator().manual_seed(1)
     calibration = torch.randn(64, 3, a.size, a.size, generator=g)
-    timed = {b: torch.randn(b, 3, a.size, a.size, generator=g) for b in a.batches}
-    print(f"SP-Net ResNet-50 at {a.size} px, CPU, {a.threads} thread(s), {a.repeats} interleaved repeats; "
-          f"times are medians [min-max]")
+    # batch 1: several images, each its own forward; larger batches: one batch
+    timed = {b: list(torch.randn(a.batch1_images if b == 1 else 1, b, 3, a.size, a.size, generator=g))
+             for b in a.batches}
+    print(f"SP-Net ResNet-50 at {a.size} px, CPU, {a.threads} thread(s), {a.repeats} interleaved repeats, "
+          f"batch 1 over {a.batch1_images} images; times are medians [min-max] per forward")
     print(f"{'rate':>5} {'batch':>5} {'exec':>6} {'masked s':>24} {'skip s':>24} {'speed-up':>20} "
           f"{'ideal':>6} {'of ideal':>8}")
     rows = []
@@ -152,14 +163,14 @@ def main() -> None:
         for batch in a.batches:
             x = timed[batch]
             with torch.no_grad():
-                decisions = net(x).gate_decisions
+                decisions = torch.cat([net(xb).gate_decisions for xb in x])  # (images, blocks)
             mac_ratio = mac_profile.dynamic(decisions).mean().item() / mac_profile.static()
-            inner = max(1, 8 // batch)
+            inner = 1
             times = {"masked": [], "skip": []}
             with torch.inference_mode():
                 for mode in ("masked", "skip"):  # warm-up
                     net.set_execution(mode)
-                    net(x)
+                    seconds(net, x, 1)
                 for _ in range(a.repeats):
                     for mode in ("masked", "skip"):
                         net.set_execution(mode)
@@ -196,7 +207,7 @@ def main() -> None:
               f"{parts['gathers'] / parts['wall']:8.1%} {parts['other'] / parts['wall']:8.1%} {closed:8.4f} "
               f"{opened:8.4f} {closed / opened:10.1%} {fixed_macs:10.1%} {kernel_s:8.4f} {med['skip'] / kernel_s:10.3f}")
     print("ideal s = masked median x MAC ratio; routers / gathers / other as shares of the profiled wall time "
-          "(gathers = index (gather) + index_add_ + nonzero; other = convolutions, BN, ReLU, stem, head, Python)")
+          "(gathers = index / index_select (gather) + index_add_ / index_copy_ (scatter) + nonzero / argsort; other = convolutions, BN, ReLU, stem, head, Python)")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,43 @@ def skip_capacity(batch: int, rate: float, margin: float = 3.0, multiple: int = 
     return max(0, min(batch, need))
 
 
+def _sample_rows(x: Tensor) -> Optional[Tensor]:
+    """A (B, C*H*W) view of ``x`` when each sample is one contiguous block of memory (NCHW or
+    channels_last), else None. Row gathers and scatters on it are plain row copies: on CPU,
+    ``index_select``/``index_add_`` on it ran 1.5x/4x faster than advanced indexing and
+    ``index_add_`` on the 4-D channels_last tensor (ResNet-50 stage 1, batch 32, 17 rows)."""
+    if x.is_contiguous():
+        return x.view(x.shape[0], -1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)  # a view: NHWC memory is contiguous
+    return None
+
+
+def gather_samples(x: Tensor, index: Tensor) -> Tensor:
+    """``x[index]`` along the batch dimension, in ``x``'s memory format."""
+    rows = _sample_rows(x)
+    if rows is None:
+        return x[index]  # advanced indexing keeps a channels_last layout (index_select would not)
+    picked = rows.index_select(0, index)
+    if x.is_contiguous():
+        return picked.view(-1, *x.shape[1:])
+    _, channels, height, width = x.shape
+    return picked.view(-1, height, width, channels).permute(0, 3, 1, 2)  # channels_last NCHW view
+
+
+def scatter_samples_(out: Tensor, index: Tensor, values: Tensor, accumulate: bool) -> Tensor:
+    """``out[index] += values`` (``accumulate``) or ``out[index] = values``, in place; returns ``out``."""
+    rows_out, rows_values = _sample_rows(out), _sample_rows(values)
+    same_layout = out.is_contiguous() == values.is_contiguous()
+    if rows_out is None or rows_values is None or not same_layout:
+        return out.index_add_(0, index, values) if accumulate else out.index_copy_(0, index, values)
+    if accumulate:
+        rows_out.index_add_(0, index, rows_values)
+    else:
+        rows_out.index_copy_(0, index, rows_values)
+    return out
+
+
 class GatedBlock(nn.Module):
     """Base class: routing, the masked (training) path and the skipping (inference) path."""
 
@@ -109,8 +146,15 @@ class GatedBlock(nn.Module):
                 return self._forward_capacity(x, gate), gate
             return self._forward_skip(x, gate), gate
         res = self.residual(x)
-        out = self.shortcut(x) + res * gate.decision.view(-1, 1, 1, 1).to(res.dtype)
-        return F.relu(out), gate
+        factor = gate.decision.view(-1, 1, 1, 1).to(res.dtype)
+        out = self.shortcut(x)
+        if not torch.is_grad_enabled() and res.dtype == out.dtype:
+            # Inference: the same arithmetic in place on the fresh residual (res * v + s is
+            # bit for bit s + res * v), without three more activation-sized tensors per block
+            # (measured 1.26x slower at batch 32 on CPU). This is the dense baseline skipping is
+            # measured against, so it must not be slower than it needs to be.
+            return res.mul_(factor).add_(out).relu_(), gate
+        return F.relu(out + res * factor), gate
 
     # True when shortcut(x) >= 0 for every block input x. Block inputs are ReLU outputs (the
     # stem and every block end with a ReLU), so identity and option-A shortcuts keep the sign
@@ -138,12 +182,17 @@ class GatedBlock(nn.Module):
             if in_place and res.dtype == out.dtype:
                 return res.add_(out).relu_()
             return F.relu(out + res)  # promotes like the masked path (bf16 residual, fp32 shortcut)
-        # x[idx], not index_select: advanced indexing keeps a channels_last layout
-        res = self.residual(x[open_idx])  # (B_open, C, H, W)
+        x_open = gather_samples(x, open_idx)  # (B_open, C, H, W)
+        res = self.residual(x_open)
+        if in_place and self.shortcut_nonnegative and res.dtype == out.dtype:
+            # The closed rows of a non-negative shortcut are final already (relu is the
+            # identity there): only the open rows are written, no pass over the whole batch.
+            shortcut_open = x_open if out is x else gather_samples(out, open_idx)
+            return scatter_samples_(out, open_idx, res.add_(shortcut_open).relu_(), accumulate=False)
         dtype = torch.promote_types(out.dtype, res.dtype)
         if not (in_place and out.dtype == dtype):
             out = out.to(dtype, copy=True)
-        return out.index_add_(0, open_idx, res.to(dtype)).relu_()
+        return scatter_samples_(out, open_idx, res.to(dtype), accumulate=True).relu_()
 
     def skip_capacity(self, batch: int, device: torch.device) -> int:
         """This block's capacity C for a batch of ``batch`` on ``device`` (:func:`skip_capacity`)."""
@@ -175,14 +224,13 @@ class GatedBlock(nn.Module):
         if capacity == 0:
             return out if self.shortcut_nonnegative else F.relu(out, inplace=in_place)
         take = torch.argsort(decision, descending=True, stable=True)[:capacity]  # (C,) open first
-        # x[idx], not index_select: advanced indexing keeps a channels_last layout
-        res = self.residual(x[take])  # (C, C_out, H, W)
+        res = self.residual(gather_samples(x, take))  # (C, C_out, H, W)
         factor = decision[take].view(-1, 1, 1, 1).to(res.dtype)
         res = res.mul_(factor) if in_place else res * factor
         dtype = torch.promote_types(out.dtype, res.dtype)
         if not (in_place and out.dtype == dtype):
             out = out.to(dtype, copy=True)
-        return out.index_add_(0, take, res.to(dtype)).relu_()
+        return scatter_samples_(out, take, res.to(dtype), accumulate=True).relu_()
 
 
 def _router(in_channels: int, router_kwargs: Optional[dict]) -> Router:

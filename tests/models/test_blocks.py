@@ -58,3 +58,45 @@ def test_skip_path_under_bf16_autocast_matches_masked_dtype_and_values():
     assert skipped.logits.dtype == masked.logits.dtype
     assert torch.equal(masked.gate_decisions, skipped.gate_decisions)
     assert (masked.logits.float() - skipped.logits.float()).abs().max().item() < 0.05
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_sample_gather_and_scatter_match_indexing_in_every_layout(layout):
+    from spnet_dist.models.blocks import gather_samples, scatter_samples_
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, 4, 3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = torch.randn(7, 5, 8, 3)[:, :, ::2]  # neither layout: the indexing fallback
+    index = torch.tensor([5, 0, 3])
+    got = gather_samples(x, index)
+    assert torch.equal(got, x[index])
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    values = torch.randn(3, 5, 4, 3)
+    for values_ in (values, values.contiguous(memory_format=torch.channels_last)):  # same and other layout
+        for accumulate in (True, False):
+            want = x.clone()
+            want[index] = want[index] + values_ if accumulate else values_
+            out = x.clone() if layout != "channels_last" else x.clone(memory_format=torch.channels_last)
+            assert scatter_samples_(out, index, values_, accumulate) is out
+            assert torch.equal(out, want), (accumulate, values_.is_contiguous())
+
+
+def test_inference_masked_path_is_bitwise_the_training_arithmetic_and_keeps_its_input():
+    torch.manual_seed(0)
+    model = create_model("spnet_cifar_resnet20")
+    x = torch.randn(8, 3, 32, 32)
+    _mixed_routers(model, x)
+    model.set_execution("masked")
+    x_before = x.clone()
+    with torch.no_grad():
+        in_place = model(x)  # res.mul_(v).add_(shortcut).relu_()
+    assert torch.equal(x, x_before)
+    with torch.enable_grad():
+        out_of_place = model(x.clone().requires_grad_(True))  # relu(shortcut + res * v), autograd
+    assert (in_place.gate_decisions.sum(0) % 8 != 0).any()
+    assert torch.equal(in_place.logits, out_of_place.logits.detach())
+    assert torch.equal(in_place.gate_decisions, out_of_place.gate_decisions.detach())
