@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .models.blocks import SKIP_STRATEGIES
+from .models.blocks import check_skip_strategy
 from .models.factory import MODEL_NAMES, create_model
 from .models.fuse import optimize_for_inference
 from .models.resnet import GatedResNet
@@ -198,8 +198,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     """
     if execution not in EXECUTION_MODES:
         raise ValueError(f"execution: must be one of {EXECUTION_MODES}, got {execution!r}")
-    if skip_strategy not in SKIP_STRATEGIES:
-        raise ValueError(f"skip_strategy: must be one of {SKIP_STRATEGIES}, got {skip_strategy!r}")
+    check_skip_strategy(skip_strategy)  # before any file is read
     path = Path(path)
     config = read_export_config(path)
     weights_path = path / WEIGHTS_FILE

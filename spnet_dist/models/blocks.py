@@ -36,6 +36,13 @@ from .gates import GateOutput, Router
 SKIP_STRATEGIES = ("auto", "gather", "capacity")
 
 
+def check_skip_strategy(strategy: str) -> str:
+    """``strategy`` if it is one of :data:`SKIP_STRATEGIES`, else a one-line ``ValueError``."""
+    if strategy not in SKIP_STRATEGIES:
+        raise ValueError(f"skip_strategy: must be one of {SKIP_STRATEGIES}, got {strategy!r}")
+    return strategy
+
+
 def resolve_skip_strategy(strategy: str, device: torch.device) -> str:
     """``"auto"`` -> ``"capacity"`` on CUDA (no per-block host sync), ``"gather"`` elsewhere.
 
@@ -45,9 +52,7 @@ def resolve_skip_strategy(strategy: str, device: torch.device) -> str:
     """
     if strategy == "auto":
         return "capacity" if device.type == "cuda" else "gather"
-    if strategy not in SKIP_STRATEGIES:
-        raise ValueError(f"skip_strategy: must be one of {SKIP_STRATEGIES}, got {strategy!r}")
-    return strategy
+    return check_skip_strategy(strategy)
 
 
 def skip_capacity(batch: int, rate: float, margin: float = 3.0, multiple: int = 1) -> int:
@@ -145,16 +150,33 @@ class GatedBlock(nn.Module):
             if resolve_skip_strategy(skip_strategy or self.skip_strategy, x.device) == "capacity":
                 return self._forward_capacity(x, gate), gate
             return self._forward_skip(x, gate), gate
+        return self._forward_masked(x, gate.decision), gate
+
+    def _forward_masked(self, x: Tensor, decision: Tensor) -> Tensor:
+        """relu(shortcut(x) + v * residual(x)) with the residual computed for every sample."""
         res = self.residual(x)
-        factor = gate.decision.view(-1, 1, 1, 1).to(res.dtype)
+        factor = decision.view(-1, 1, 1, 1).to(res.dtype)
         out = self.shortcut(x)
         if not torch.is_grad_enabled() and res.dtype == out.dtype:
             # Inference: the same arithmetic in place on the fresh residual (res * v + s is
             # bit for bit s + res * v), without three more activation-sized tensors per block
             # (measured 1.26x slower at batch 32 on CPU). This is the dense baseline skipping is
             # measured against, so it must not be slower than it needs to be.
-            return res.mul_(factor).add_(out).relu_(), gate
-        return F.relu(out + res * factor), gate
+            return res.mul_(factor).add_(out).relu_()
+        return F.relu(out + res * factor)  # promotes: bf16 residual + fp32 shortcut -> fp32
+
+    def _closed(self, out: Tensor, in_place: bool) -> Tensor:
+        """relu(shortcut) of a block closed for every sample."""
+        return out if self.shortcut_nonnegative else F.relu(out, inplace=in_place)
+
+    @staticmethod
+    def _add_rows_relu(out: Tensor, index: Tensor, res: Tensor, in_place: bool) -> Tensor:
+        """relu(out with ``res`` added to rows ``index``), promoting like the masked path; in place
+        on ``out`` when autograd is off and no promotion is needed."""
+        dtype = torch.promote_types(out.dtype, res.dtype)
+        if not (in_place and out.dtype == dtype):
+            out = out.to(dtype, copy=True)
+        return scatter_samples_(out, index, res.to(dtype), accumulate=True).relu_()
 
     # True when shortcut(x) >= 0 for every block input x. Block inputs are ReLU outputs (the
     # stem and every block end with a ReLU), so identity and option-A shortcuts keep the sign
@@ -176,7 +198,7 @@ class GatedBlock(nn.Module):
         n_open = open_idx.numel()
         in_place = not torch.is_grad_enabled()
         if n_open == 0:
-            return out if self.shortcut_nonnegative else F.relu(out, inplace=in_place)
+            return self._closed(out, in_place)
         if n_open == x.shape[0]:
             res = self.residual(x)
             if in_place and res.dtype == out.dtype:
@@ -189,10 +211,7 @@ class GatedBlock(nn.Module):
             # identity there): only the open rows are written, no pass over the whole batch.
             shortcut_open = x_open if out is x else gather_samples(out, open_idx)
             return scatter_samples_(out, open_idx, res.add_(shortcut_open).relu_(), accumulate=False)
-        dtype = torch.promote_types(out.dtype, res.dtype)
-        if not (in_place and out.dtype == dtype):
-            out = out.to(dtype, copy=True)
-        return scatter_samples_(out, open_idx, res.to(dtype), accumulate=True).relu_()
+        return self._add_rows_relu(out, open_idx, res, in_place)
 
     def skip_capacity(self, batch: int, device: torch.device) -> int:
         """This block's capacity C for a batch of ``batch`` on ``device`` (:func:`skip_capacity`)."""
@@ -212,25 +231,18 @@ class GatedBlock(nn.Module):
         decision = gate.decision  # (B,)
         batch = x.shape[0]
         capacity = self.skip_capacity(batch, x.device)
+        if capacity >= batch:  # nothing to gather: every sample runs, closed ones times 0
+            return self._forward_masked(x, decision)
         out = self.shortcut(x)  # the shortcut always runs (projection included)
         in_place = not torch.is_grad_enabled()
-        if capacity >= batch:  # nothing to gather: every sample runs, closed ones times 0
-            res = self.residual(x)
-            factor = decision.view(-1, 1, 1, 1).to(res.dtype)
-            if in_place and res.dtype == out.dtype:
-                return res.mul_(factor).add_(out).relu_()
-            return F.relu(out + res * factor)  # promotes like the masked path
         gate.overflow = decision.sum() > capacity  # 0-dim bool on the device
         if capacity == 0:
-            return out if self.shortcut_nonnegative else F.relu(out, inplace=in_place)
+            return self._closed(out, in_place)
         take = torch.argsort(decision, descending=True, stable=True)[:capacity]  # (C,) open first
         res = self.residual(gather_samples(x, take))  # (C, C_out, H, W)
         factor = decision[take].view(-1, 1, 1, 1).to(res.dtype)
         res = res.mul_(factor) if in_place else res * factor
-        dtype = torch.promote_types(out.dtype, res.dtype)
-        if not (in_place and out.dtype == dtype):
-            out = out.to(dtype, copy=True)
-        return scatter_samples_(out, take, res.to(dtype), accumulate=True).relu_()
+        return self._add_rows_relu(out, take, res, in_place)
 
 
 def _router(in_channels: int, router_kwargs: Optional[dict]) -> Router:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .blocks import SKIP_STRATEGIES, GatedBasicBlock, GatedBlock, GatedBottleneck
+from .blocks import GatedBasicBlock, GatedBlock, GatedBottleneck, check_skip_strategy
 from .gates import autocast_off
 from .output import SPNetOutput
 
@@ -168,8 +168,7 @@ class GatedResNet(nn.Module):
         """How the "skip" execution runs (spnet_dist.models.blocks): "gather" (exact work, one
         host sync per block on CUDA), "capacity" (a fixed number of samples per block, one host
         sync per forward, exact fallback on overflow) or "auto" (capacity on CUDA, gather elsewhere)."""
-        if strategy not in SKIP_STRATEGIES:
-            raise ValueError(f"skip_strategy: must be one of {SKIP_STRATEGIES}, got {strategy!r}")
+        check_skip_strategy(strategy)
         for block in self.gated_blocks():
             block.skip_strategy = strategy
 
