@@ -85,13 +85,12 @@ def calibrate_routers(model, images: torch.Tensor, rate: float, seed: int = 0) -
         h.remove()
 
 
-def seconds(model, batches: list[torch.Tensor], inner: int) -> float:
-    """One measurement: mean seconds per forward over ``inner`` passes through ``batches``."""
+def seconds(model, batches: list[torch.Tensor]) -> float:
+    """One measurement: mean seconds per forward over one pass through ``batches``."""
     start = time.perf_counter()
-    for _ in range(inner):
-        for x in batches:
-            model(x)
-    return (time.perf_counter() - start) / (inner * len(batches))
+    for x in batches:
+        model(x)
+    return (time.perf_counter() - start) / len(batches)
 
 
 def breakdown(model, batches: list[torch.Tensor]) -> dict[str, float]:
@@ -165,16 +164,15 @@ def main() -> None:
             with torch.no_grad():
                 decisions = torch.cat([net(xb).gate_decisions for xb in x])  # (images, blocks)
             mac_ratio = mac_profile.dynamic(decisions).mean().item() / mac_profile.static()
-            inner = 1
             times = {"masked": [], "skip": []}
             with torch.inference_mode():
                 for mode in ("masked", "skip"):  # warm-up
                     net.set_execution(mode)
-                    seconds(net, x, 1)
+                    seconds(net, x)
                 for _ in range(a.repeats):
                     for mode in ("masked", "skip"):
                         net.set_execution(mode)
-                        times[mode].append(seconds(net, x, inner))
+                        times[mode].append(seconds(net, x))
                 net.set_execution("skip")
                 parts = breakdown(net, x)
             med = {m: statistics.median(t) for m, t in times.items()}
@@ -189,7 +187,7 @@ def main() -> None:
                 for _ in range(max(2, a.repeats // 2)):
                     for force in (False, True):
                         net.set_gate_override(force)
-                        bound[force].append(seconds(net, x, inner))
+                        bound[force].append(seconds(net, x))
                 net.set_gate_override(None)
             closed, opened = statistics.median(bound[False]), statistics.median(bound[True])
             residual_share = ((decisions.double() @ torch.tensor(mac_profile.residual, dtype=torch.float64)).mean()
