@@ -381,6 +381,9 @@ class Trainer:
     def _restore(self, path: Path) -> None:
         """Load engine, teacher, counters, RNG and loader position from checkpoint ``path``."""
         saved = C.read_state(path)
+        # The newest good checkpoint until this attempt saves one: `final` points to it if a
+        # preempted attempt had saved the last step but stopped before pointing `final`.
+        self._last_tag = Path(path).resolve().name  # a step directory, never an alias
         rank, world = self.dist.rank, self.dist.world_size
         same_world = saved["world_size"] == world
         # DeepSpeed's ZeRO-1/2 optimizer shards are tied to the data-parallel world size (a

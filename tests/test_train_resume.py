@@ -142,3 +142,15 @@ def test_a_failed_set_up_leaves_deterministic_mode_as_it_found_it(digits_root, t
     with pytest.raises(RuntimeError, match="node lost"):
         _cli(digits_root, out, "run.deterministic=true")
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_run_preempted_after_its_last_checkpoint_gets_its_final_alias_on_resume(digits_root, tmp_path, capsys):
+    # SIGUSR2 during the last evaluation: the epoch-end checkpoint is saved and the job stops
+    # before `final` is pointed. The next attempt has nothing left to train and must point it.
+    out = tmp_path / "run"
+    with interruptions(eval_epoch=1):
+        assert _cli(digits_root, out) == C.EXIT_PREEMPTED
+    assert C.resolve_checkpoint(out).name == "step_00000006"
+    assert not (out / "checkpoints" / "final").exists()
+    assert _cli(digits_root, out) == 0
+    assert C.resolve_checkpoint(out, "final").name == "step_00000006"
