@@ -165,7 +165,7 @@ def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], sou
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                execution: str = "skip", channels_last: bool = True, optimize: bool = True,
-               skip_strategy: str = "auto") -> nn.Module:
+               skip_strategy: str = "auto", per_image_stages: str = "auto") -> nn.Module:
     """Load an ``spnet-export`` directory as an eval-mode model (torch + safetensors only).
 
     Args:
@@ -188,6 +188,9 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
             host sync per forward, recomputed with gather if a block had more open samples) or
             ``"auto"`` (capacity for CUDA inputs, gather elsewhere). Outputs are the same.
             Capacities can be changed with ``model.set_skip_capacity(rates=, margin=, multiple=)``.
+        per_image_stages: ``"auto"`` (on the CPU, the stem and the stages with large activations
+            run one image at a time: the same outputs, faster at batch > 1; see
+            ``GatedResNet.set_per_image_stages``) or ``"off"``.
 
     Returns:
         The :class:`~spnet_dist.models.GatedResNet` in eval mode; for a ``--static`` export
@@ -199,6 +202,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     if execution not in EXECUTION_MODES:
         raise ValueError(f"execution: must be one of {EXECUTION_MODES}, got {execution!r}")
     check_skip_strategy(skip_strategy)  # before any file is read
+    if per_image_stages not in ("auto", "off"):
+        raise ValueError(f"per_image_stages: must be 'auto' or 'off', got {per_image_stages!r}")
     path = Path(path)
     config = read_export_config(path)
     weights_path = path / WEIGHTS_FILE
@@ -213,6 +218,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     model = build_exported(config, weights, weights_path)
     model.set_execution(execution)
     model.set_skip_strategy(skip_strategy)
+    model.set_per_image_stages(per_image_stages)
     model = _place(model, device, channels_last)
     return optimize_for_inference(model) if optimize else model
 

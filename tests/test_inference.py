@@ -167,3 +167,22 @@ def test_load_model_sets_capacities_from_the_measured_rates(exported, tmp_path):
         json.dumps({**json.loads((measured / "config.json").read_text()), "measured": {"exec_rates": rates[:-1]}}))
     with pytest.raises(ExportError, match=r"measured/config.json: measured.exec_rates must be 9 execution rates"):
         load_model(measured)
+
+
+def test_exported_models_run_large_early_stages_per_image_on_the_cpu(exported):
+    out, x, reference = exported
+    timm_model = timm.create_model("spnet_cifar_resnet20", pretrained=True,
+                                   pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    for model in (load_model(out), timm_model):
+        assert model.per_image_stages == "auto"
+    assert create_model("spnet_cifar_resnet20").per_image_stages == "off"  # the trainer's models keep whole batches
+    model = load_model(out, per_image_stages="off")
+    assert model.per_image_stages == "off"
+    model = load_model(out)
+    model.set_per_image_stages("auto", min_bytes=0)  # 32 px CIFAR images are far below 1 MiB: force it
+    with torch.no_grad():
+        got = model(x)
+    assert torch.equal(got.gate_decisions, reference.gate_decisions)
+    assert (got.logits - reference.logits).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match="per_image_stages"):
+        load_model(out / "nonexistent", per_image_stages="always")  # checked before any file is read

@@ -100,9 +100,9 @@ def breakdown(model, batches: list[torch.Tensor]) -> dict[str, float]:
         router = block.router
         originals[router] = router.forward
 
-        def timed(inp, _forward=router.forward):
+        def timed(inp, pooled=None, *, _forward=router.forward):
             with record_function("router"):
-                return _forward(inp)
+                return _forward(inp, pooled)
 
         router.forward = timed
     try:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .gates import GateOutput, Router
+from .gates import GateOutput, Router, global_pool
 
 SKIP_STRATEGIES = ("auto", "gather", "capacity")
 
@@ -145,12 +145,29 @@ class GatedBlock(nn.Module):
             skip_strategy: overrides ``self.skip_strategy`` for this call (the network's exact
                 fallback passes "gather").
         """
-        gate = self.router(x)
+        out, gate, _ = self.forward_pooled(x, skip_strategy)
+        return out, gate
+
+    def forward_pooled(self, x: Tensor, skip_strategy: Optional[str] = None, pooled: Optional[Tensor] = None
+                       ) -> tuple[Tensor, GateOutput, Optional[Tensor]]:
+        """:meth:`forward`, passing the routers' global pools along a chain of blocks.
+
+        Args:
+            x: the block input (B, C, H, W).
+            skip_strategy: as in :meth:`forward`.
+            pooled: ``global_pool(x)`` if known (the previous block's third result), else None.
+
+        Returns:
+            The block output, the router's verdict, and ``global_pool(output)`` when the
+            gather skip path got it for less than a pass over the output (an identity shortcut
+            leaves closed samples unchanged, so only the open ones are pooled), else None.
+        """
+        gate = self.router(x, pooled)
         if self.execution == "skip" and not self.training:
             if resolve_skip_strategy(skip_strategy or self.skip_strategy, x.device) == "capacity":
-                return self._forward_capacity(x, gate), gate
-            return self._forward_skip(x, gate), gate
-        return self._forward_masked(x, gate.decision), gate
+                return self._forward_capacity(x, gate), gate, None
+            return self._forward_skip(x, gate)
+        return self._forward_masked(x, gate.decision), gate, None
 
     def _forward_masked(self, x: Tensor, decision: Tensor) -> Tensor:
         """relu(shortcut(x) + v * residual(x)) with the residual computed for every sample."""
@@ -183,7 +200,7 @@ class GatedBlock(nn.Module):
     # and a closed block's relu(shortcut(x)) is shortcut(x) itself: no pass over the tensor.
     shortcut_nonnegative: bool = False
 
-    def _forward_skip(self, x: Tensor, gate: GateOutput) -> Tensor:
+    def _forward_skip(self, x: Tensor, gate: GateOutput) -> tuple[Tensor, GateOutput, Optional[Tensor]]:
         """relu(shortcut(x) + v * residual(x)) computing ``residual`` only where v = 1.
 
         Open samples run together: gather -> residual -> scatter-add
@@ -192,26 +209,35 @@ class GatedBlock(nn.Module):
         the gathered batch and its residual. The open-sample list is read on the host
         (``nonzero``): free on CPU; on CUDA it is one synchronisation per block, the price
         of launching the residual kernels on exactly the open samples.
+
+        Returns:
+            The output, ``gate``, and ``global_pool(output)`` when the router reported the pool
+            of ``x`` and the shortcut is the identity (closed samples keep their pool, open
+            ones are pooled from their new rows), else None.
         """
         out = self.shortcut(x)  # the shortcut always runs (projection included)
+        pooled = gate.pooled
+        keeps_pool = pooled is not None and out is x  # closed samples leave the block unchanged
         open_idx = gate.decision.nonzero().squeeze(1)  # (B_open,)
         n_open = open_idx.numel()
         in_place = not torch.is_grad_enabled()
         if n_open == 0:
-            return self._closed(out, in_place)
+            return self._closed(out, in_place), gate, pooled if keeps_pool else None
         if n_open == x.shape[0]:
             res = self.residual(x)
             if in_place and res.dtype == out.dtype:
-                return res.add_(out).relu_()
-            return F.relu(out + res)  # promotes like the masked path (bf16 residual, fp32 shortcut)
+                return res.add_(out).relu_(), gate, None
+            return F.relu(out + res), gate, None  # promotes like the masked path (bf16 residual, fp32 shortcut)
         x_open = gather_samples(x, open_idx)  # (B_open, C, H, W)
         res = self.residual(x_open)
         if in_place and self.shortcut_nonnegative and res.dtype == out.dtype:
             # The closed rows of a non-negative shortcut are final already (relu is the
             # identity there): only the open rows are written, no pass over the whole batch.
             shortcut_open = x_open if out is x else gather_samples(out, open_idx)
-            return scatter_samples_(out, open_idx, res.add_(shortcut_open).relu_(), accumulate=False)
-        return self._add_rows_relu(out, open_idx, res, in_place)
+            rows = res.add_(shortcut_open).relu_()
+            pooled_out = pooled.index_copy(0, open_idx, global_pool(rows)) if keeps_pool else None
+            return scatter_samples_(out, open_idx, rows, accumulate=False), gate, pooled_out
+        return self._add_rows_relu(out, open_idx, res, in_place), gate, None
 
     def skip_capacity(self, batch: int, device: torch.device) -> int:
         """This block's capacity C for a batch of ``batch`` on ``device`` (:func:`skip_capacity`)."""
@@ -266,7 +292,7 @@ class GatedBasicBlock(GatedBlock):
         self.shortcut_nonnegative = True  # subsampling and zero channels keep the sign
 
     def residual(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # a fresh tensor (torchvision: ReLU(inplace=True))
         return self.bn2(self.conv2(out))
 
     def shortcut(self, x: Tensor) -> Tensor:
@@ -302,8 +328,8 @@ class GatedBottleneck(GatedBlock):
         self.shortcut_nonnegative = self.downsample is None  # a projection (conv + BN) may be negative
 
     def residual(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # a fresh tensor (torchvision: ReLU(inplace=True))
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         return self.bn3(self.conv3(out))
 
     def shortcut(self, x: Tensor) -> Tensor:

@@ -38,7 +38,8 @@ def _build(builder: Callable[..., GatedResNet], name: str, pretrained: bool, kwa
 
 def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
     """timm's ``pretrained=True`` path: the export's architecture, its weights, skipping execution
-    (``skip_strategy="auto"``, capacities from the export's measured rates, as ``load_model``)."""
+    (``skip_strategy="auto"``, capacities from the export's measured rates, ``per_image_stages="auto"``,
+    as ``load_model``)."""
     from ..inference import ExportError, build_exported, read_export_config, read_weights
 
     config = read_export_config(file)
@@ -49,6 +50,7 @@ def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
     model = build_exported(config, read_weights(file), file, **kwargs)
     model.set_execution("skip")
     model.set_skip_strategy("auto")  # as load_model: no per-block host sync on CUDA
+    model.set_per_image_stages("auto")  # as load_model: large early activations image by image on the CPU
     return model
 
 

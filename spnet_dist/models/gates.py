@@ -43,12 +43,31 @@ class GateOutput:
             batch: a 0-dim bool on the device, True when more samples were open than the
             block's capacity (its output is then inexact and the network recomputes the
             forward); None otherwise.
+        pooled: (B, C) the global pool of the block input the router looked at, fp32 (the
+            skipping path passes it on for samples a block leaves unchanged).
     """
 
     logits: Tensor
     prob: Tensor
     decision: Tensor
     overflow: Optional[Tensor] = None
+    pooled: Optional[Tensor] = None
+
+    @classmethod
+    def cat(cls, parts: Sequence["GateOutput"]) -> "GateOutput":
+        """One router's verdicts on consecutive parts of a batch, as one verdict on the batch."""
+        flags = [p.overflow for p in parts if p.overflow is not None]
+        return cls(
+            logits=torch.cat([p.logits for p in parts]),
+            prob=torch.cat([p.prob for p in parts]),
+            decision=torch.cat([p.decision for p in parts]),
+            overflow=torch.stack(flags).any() if flags else None,
+        )  # no pooled: nothing reads a block input's pool after its block ran
+
+
+def global_pool(x: Tensor) -> Tensor:
+    """(B, C, H, W) -> (B, C) spatial mean in fp32: what a router looks at."""
+    return x.float().mean(dim=(2, 3))
 
 
 class Router(nn.Module):
@@ -91,12 +110,20 @@ class Router(nn.Module):
         # measurement, the "all blocks open == static ResNet" check).
         self.force: Optional[bool] = None
 
-    def forward(self, x: Tensor) -> GateOutput:
+    def forward(self, x: Tensor, pooled: Optional[Tensor] = None) -> GateOutput:
+        """The verdict on block input ``x`` (B, C, H, W).
+
+        Args:
+            x: the block input.
+            pooled: ``global_pool(x)`` (B, C) in fp32 when the caller already has it (the
+                skipping path knows it for samples a block left unchanged); None: computed here.
+        """
         # The whole router runs in fp32 with autocast off: under bf16 autocast, fc1/fc2 would
         # round their outputs to 8 mantissa bits before any .float(), and near-tie logits then
         # decide differently from the fp32 exported model. It costs C x 128 + 128 x 2 MACs a sample.
         with autocast_off(x.device):
-            pooled = x.float().mean(dim=(2, 3))  # (B, C)
+            if pooled is None:
+                pooled = global_pool(x)  # (B, C)
             hidden = self.dropout(F.relu(self.bn(self.fc1(pooled))))
             logits = self.fc2(hidden)  # (B, 2), fp32
         prob = logits.softmax(dim=-1)[:, 1]
@@ -106,7 +133,7 @@ class Router(nn.Module):
             decision = self._straight_through(logits)[:, 1]
         else:
             decision = (logits[:, 1] > logits[:, 0]).to(logits.dtype)
-        return GateOutput(logits=logits, prob=prob, decision=decision)
+        return GateOutput(logits=logits, prob=prob, decision=decision, pooled=pooled)
 
     def _straight_through(self, logits: Tensor) -> Tensor:
         if self.noise:

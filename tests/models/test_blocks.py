@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from spnet_dist.models import create_model
+from spnet_dist.models import blocks, create_model, gates
 
 from .test_resnet import _mixed_routers, _randomize_bn
 
@@ -100,3 +100,45 @@ def test_inference_masked_path_is_bitwise_the_training_arithmetic_and_keeps_its_
     assert (in_place.gate_decisions.sum(0) % 8 != 0).any()
     assert torch.equal(in_place.logits, out_of_place.logits.detach())
     assert torch.equal(in_place.gate_decisions, out_of_place.gate_decisions.detach())
+
+
+def _identity_shortcut(block):
+    probe = torch.zeros(1, block.router.fc1.in_features, 8, 8)
+    return block.shortcut(probe) is probe
+
+
+@pytest.mark.parametrize("name, size", [("spnet_cifar_resnet20", 32), ("spnet_resnet50", 64)])
+def test_skipping_routers_pool_only_the_samples_a_block_changed(name, size, monkeypatch):
+    """A block with an identity shortcut leaves its closed samples unchanged, so the next router
+    reuses their pool (GateOutput.pooled) and pools only the open samples' new rows."""
+    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(4))
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10)
+    _randomize_bn(model)
+    _mixed_routers(model, x)
+    list(model.gated_blocks())[1].router.force = False  # an identity block closed for the whole batch
+    pooled_rows = []
+    real_pool = gates.global_pool
+
+    def counting_pool(t):
+        pooled_rows.append(t.shape[0])
+        return real_pool(t)
+
+    monkeypatch.setattr(gates, "global_pool", counting_pool)  # the routers' own pooling
+    monkeypatch.setattr(blocks, "global_pool", counting_pool)  # the skipping path's pooling of open rows
+    masked, skipped = _both(model, x)
+    batch, decisions = x.shape[0], masked.gate_decisions
+    assert torch.equal(skipped.gate_decisions, decisions)
+    assert (masked.logits - skipped.logits).abs().max().item() < 1e-5
+    assert sum(pooled_rows[:model.num_blocks]) == batch * model.num_blocks  # masked: every router pools the batch
+    expected = batch  # the first router pools its input
+    for index, (block, column) in enumerate(zip(model.gated_blocks(), decisions.T)):
+        n_open = int(column.sum())
+        if _identity_shortcut(block) and n_open < batch:
+            expected += n_open  # the open rows, pooled by the block (the last one's pool goes unused)
+        elif index < model.num_blocks - 1:
+            expected += batch  # the next router pools every sample
+    assert sum(pooled_rows[model.num_blocks:]) == expected < batch * model.num_blocks
+    partly = [i for i, column in enumerate(decisions.T[:-1]) if 0 < column.sum() < batch
+              and _identity_shortcut(list(model.gated_blocks())[i])]
+    assert partly, "the test needs an identity block open for part of the batch"

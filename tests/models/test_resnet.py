@@ -191,3 +191,13 @@ def test_masked_forward_on_the_meta_device():
     out = model(torch.empty(4, 3, 16, 16, device="meta"))
     tensors = [out.logits, out.gate_probs, out.gate_decisions, out.gate_logits, *out.stage_logits]
     assert all(t.device.type == "meta" for t in tensors)
+
+
+def test_inference_stem_pools_before_its_relu_with_the_same_values():
+    torch.manual_seed(0)
+    model = create_model("spnet_resnet50", num_classes=10).eval()
+    _randomize_bn(model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torchvision_order = model.maxpool(torch.relu(model.bn1(model.conv1(x))))
+        assert torch.equal(model.forward_stem(x), torchvision_order)

@@ -1,0 +1,124 @@
+"""Per-image early stages (resnet.py ``set_per_image_stages``, ``_trunk``): on the CPU the stem and
+the stages with large activations run one image at a time, the rest on the whole batch; every
+output must be what the whole-batch forward gives."""
+import pytest
+import torch
+
+from spnet_dist.models import create_model
+from spnet_dist.models.resnet import _empty_batch_like
+
+from .test_resnet import _mixed_routers, _randomize_bn
+
+STAGE_OUTPUT_BYTES_224 = [256 * 56 * 56 * 4, 512 * 28 * 28 * 4, 1024 * 14 * 14 * 4, 2048 * 7 * 7 * 4]
+
+
+def test_the_stages_that_run_per_image_follow_the_size_of_their_output():
+    model = create_model("spnet_resnet50", num_classes=10).eval()
+    x = torch.empty(2, 3, 224, 224)
+    assert model.count_per_image_stages(x) == 0  # built by create_model: off
+    model.set_per_image_stages("auto")
+    assert model.count_per_image_stages(x) == 2  # 3.2 MB and 1.6 MB per image >= 1 MiB; 0.8 MB < 1 MiB
+    assert model.count_per_image_stages(torch.empty(2, 3, 160, 160)) == 1  # 1.6 MB, then 0.8 MB
+    assert model.count_per_image_stages(torch.empty(2, 3, 225, 225)) == 2  # odd sizes round up like the convs
+    model.set_per_image_stages("auto", min_bytes=STAGE_OUTPUT_BYTES_224[1])  # a stage exactly at the limit runs per image
+    assert model.count_per_image_stages(x) == 2
+    model.set_per_image_stages("auto", min_bytes=STAGE_OUTPUT_BYTES_224[1] + 1)
+    assert model.count_per_image_stages(x) == 1
+    model.set_per_image_stages("auto", min_bytes=0)
+    assert model.count_per_image_stages(x) == 4
+    assert model.count_per_image_stages(x[:1]) == 0  # one image: nothing to split
+    assert model.count_per_image_stages(torch.empty(2, 3, 224, 224, device="meta")) == 0  # not the CPU (as CUDA)
+    assert model.count_per_image_stages(x.to(torch.bfloat16)) == 4
+    model.set_per_image_stages("auto", min_bytes=STAGE_OUTPUT_BYTES_224[1])
+    assert model.count_per_image_stages(x.to(torch.bfloat16)) == 1  # half the bytes per element
+    model.train()
+    assert model.count_per_image_stages(x) == 0  # training keeps whole batches (BatchNorm batch statistics)
+    model.eval()
+    model.set_per_image_stages("off")
+    assert model.count_per_image_stages(x) == 0
+    cifar = create_model("spnet_cifar_resnet20", num_classes=10).eval()
+    cifar.set_per_image_stages("auto")
+    assert cifar.count_per_image_stages(torch.empty(8, 3, 32, 32)) == 0  # 64 KB per image
+
+
+@pytest.mark.parametrize("mode, min_bytes", [("bogus", None), ("auto", -1), ("auto", 1.5), ("auto", True)])
+def test_bad_settings_are_one_line_errors(mode, min_bytes):
+    model = create_model("spnet_cifar_resnet20", num_classes=10)
+    with pytest.raises(ValueError, match="per_image_stages|min_bytes"):
+        model.set_per_image_stages(mode, min_bytes)
+
+
+def _every_field(out):
+    tensors = [out.logits, out.gate_probs, out.gate_logits, *out.stage_logits, *out.stage_features]
+    return tensors + list(out.block_features or []) + list(out.block_pooled or [])
+
+
+def _pair(name, size, batch, seed=0):
+    """A model with mixed routers, aux heads and block aligners, and its input."""
+    torch.manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    model = create_model(name, num_classes=10, block_align=True)
+    _randomize_bn(model)
+    _mixed_routers(model, x)
+    return model, x
+
+
+@pytest.mark.parametrize("name, size, min_bytes, expected_stages", [
+    ("spnet_cifar_resnet20", 32, 0, 3),  # every stage per image
+    ("spnet_resnet50", 64, 256 * 16 * 16 * 4, 1),  # stage 1 per image, stages 2-4 on the batch
+])
+@pytest.mark.parametrize("execution, strategy", [("masked", "gather"), ("skip", "gather"), ("skip", "capacity")])
+def test_per_image_stages_give_the_whole_batch_outputs(name, size, min_bytes, expected_stages, execution, strategy):
+    model, x = _pair(name, size, batch=6)
+    model.set_execution(execution)
+    model.set_skip_strategy(strategy)
+    model.set_skip_capacity(rates=0.7, margin=0.0)  # capacity: some blocks overflow, some do not
+    with torch.no_grad():
+        whole = model(x)
+        whole_features = model.forward_features(x)
+        model.set_per_image_stages("auto", min_bytes=min_bytes)
+        assert model.count_per_image_stages(x) == expected_stages
+        stem_batches = []
+        hook = model.conv1.register_forward_hook(lambda _m, inp, _out: stem_batches.append(inp[0].shape[0]))
+        per_image = model(x)
+        per_image_features = model.forward_features(x)
+        hook.remove()
+    assert stem_batches[:x.shape[0]] == [1] * x.shape[0], "the stem must have run one image at a time"
+    decisions = whole.gate_decisions
+    assert (decisions.sum(0) % decisions.shape[0] != 0).any(), "some block must be open for only part of the batch"
+    assert torch.equal(per_image.gate_decisions, decisions)
+    for got, want in zip(_every_field(per_image) + [per_image_features], _every_field(whole) + [whole_features],
+                         strict=True):
+        # batch-1 convolutions round differently: ~1e-6 relative noise, which router logits of up to ~30 pass on
+        # to the gate probabilities; a wrong or misplaced sample differs by O(1)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-4 * max(1.0, want.abs().max().item()))
+
+
+def test_a_capacity_overflow_in_a_per_image_stage_falls_back_to_the_exact_forward():
+    model, x = _pair("spnet_cifar_resnet20", 32, batch=6)
+    with torch.no_grad():
+        masked = model(x)
+    model.set_execution("skip")
+    model.set_skip_strategy("capacity")
+    model.set_skip_capacity(rates=0.0, margin=0.0)  # capacity 0 everywhere: every open block overflows
+    model.set_per_image_stages("auto", min_bytes=0)
+    with torch.no_grad():
+        out = model(x)
+    assert torch.equal(out.gate_decisions, masked.gate_decisions)
+    assert (out.logits - masked.logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_joined_batch_keeps_the_layout_of_its_parts(channels_last):
+    part = torch.randn(1, 8, 5, 5)
+    if channels_last:
+        part = part.contiguous(memory_format=torch.channels_last)
+    joined = _empty_batch_like(part, 4)
+    assert joined.shape == (4, 8, 5, 5) and joined.dtype == part.dtype
+    assert joined.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model, x = _pair("spnet_cifar_resnet20", 32, batch=3)
+    model = model.to(memory_format=torch.channels_last)
+    model.set_per_image_stages("auto", min_bytes=16 * 32 * 32 * 4)  # stage 1 per image
+    with torch.no_grad():
+        features = model.forward_features(x)
+    assert features.is_contiguous(memory_format=torch.channels_last)
