@@ -17,8 +17,10 @@ def test_masked_onnx_matches_the_model_at_any_batch_size(tmp_path):
     x = torch.randn(7, 3, 32, 32)
     _mixed_routers(model, x)
     model.set_execution("skip")
+    model.set_per_image_stages("auto", min_bytes=0)  # as a load_model model with large images: must not unroll
     path = export_onnx(model, tmp_path / "model.masked.onnx", 32)
     assert all(block.execution == "skip" for block in model.gated_blocks())  # the caller's model untouched
+    assert model.per_image_stages == "auto"
     session = ort.InferenceSession(str(path))
     for batch in (x[:1], x):
         logits, decisions = session.run(None, {"images": batch.numpy()})

@@ -22,6 +22,10 @@ One run measures, on CPU, an exported SP-Net ResNet-50 at 224 px (``spnet_dist.l
   residual MACs / all residual MACs). The ideal 1 / MAC-ratio assumes instead that every layer
   runs at the same speed per MAC; the fixed layers do not (memory-bound projections, the stem).
 
+Both forms run the model's inference schedule as ``load_model`` sets it: on the CPU the stem and
+stages 1-2 image by image, stages 3-4 on the batch (``--per-image-stages off``: whole batches
+throughout, to compare).
+
     python tools/bench_inference.py                       # rates 0.5 and 0.75, batches 1 and 32
     python tools/bench_inference.py --repeats 3 --rates 0.5 --batches 1
 
@@ -131,6 +135,8 @@ def main() -> None:
                         "not of the block pattern of a single one (blocks differ ~2x in time per MAC at batch 1)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least disturbed by neighbours)")
+    p.add_argument("--per-image-stages", choices=("auto", "off"), default="auto",
+                   help="load_model's schedule: 'auto' (default) runs the large early stages image by image on the CPU")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     # Randomly initialised ResNet-50s can carry denormal activations, which run ~10x slower on
@@ -147,7 +153,8 @@ def main() -> None:
     timed = {b: list(torch.randn(a.batch1_images if b == 1 else 1, b, 3, a.size, a.size, generator=g))
              for b in a.batches}
     print(f"SP-Net ResNet-50 at {a.size} px, CPU, {a.threads} thread(s), {a.repeats} interleaved repeats, "
-          f"batch 1 over {a.batch1_images} images; times are medians [min-max] per forward")
+          f"batch 1 over {a.batch1_images} images, per-image stages {a.per_image_stages}; "
+          "times are medians [min-max] per forward")
     print(f"{'rate':>5} {'batch':>5} {'exec':>6} {'masked s':>24} {'skip s':>24} {'speed-up':>20} "
           f"{'ideal':>6} {'of ideal':>8}")
     rows = []
@@ -157,7 +164,7 @@ def main() -> None:
         calibrate_routers(model, calibration, rate)
         with tempfile.TemporaryDirectory() as tmp:
             out = export_module(model, cfg, Path(tmp) / "export")
-            net = load_model(out, execution="skip")  # the exported model, as a user gets it
+            net = load_model(out, execution="skip", per_image_stages=a.per_image_stages)  # as a user gets it
         mac_profile = profile_macs(net, (a.size, a.size))
         for batch in a.batches:
             x = timed[batch]

@@ -254,12 +254,13 @@ class GatedResNet(nn.Module):
         Why: at batch 32 those activations are 50-100 MB tensors. glibc maps every allocation
         that large fresh from the kernel, which zeroes each page on first touch, and a pass over
         100 MB misses every cache; one image's 1.6-3.2 MB tensors are reused from the heap and
-        stay in cache. Measured on ResNet-50, batch 32, 1 CPU thread: the dense forward 2.47 ->
-        2.12 s, the skipping forward 1.56 -> 1.26 s; a skipping block at batch 1 needs no
-        gather at all. The later stages keep the batch: their weights are large next to one
-        image's activations (ResNet-50 stage 3 per image was 15 % slower). Outputs are unchanged
-        (in eval mode every layer works per sample). GPUs want whole batches: "auto" leaves CUDA
-        inputs alone.
+        stay in cache. Measured on ResNet-50, batch 32, 1 CPU thread, routers open for half
+        the samples (tools/bench_inference.py): the dense forward 2.43 -> 2.09 s, the skipping
+        forward 1.54 -> 1.22 s; a skipping block at batch 1 needs no gather at all. The later
+        stages keep the batch: their weights are large next to one image's activations (a
+        ResNet-50 stage-3 block per image was 15 % slower, the first one 3 % of the whole dense
+        forward). Outputs are the same up to float rounding (in eval mode every layer works per
+        sample). GPUs want whole batches: "auto" leaves CUDA inputs alone.
 
         Args:
             mode: "auto" | "off".
