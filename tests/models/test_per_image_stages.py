@@ -122,3 +122,19 @@ def test_the_joined_batch_keeps_the_layout_of_its_parts(channels_last):
     with torch.no_grad():
         features = model.forward_features(x)
     assert features.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("execution", ["masked", "skip"])
+def test_gradients_flow_through_the_per_image_stages(execution):
+    """Eval mode with autograd on (saliency maps, input attacks): the join keeps the graph."""
+    model, x = _pair("spnet_cifar_resnet20", 32, batch=4)
+    model.set_execution(execution)
+    x.requires_grad_(True)
+    grads = []
+    for mode in ("off", "auto"):
+        model.set_per_image_stages(mode, min_bytes=0)
+        x.grad = None
+        model(x).logits.sum().backward()
+        grads.append(x.grad.clone())
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-4 * grads[0].abs().max().item())
