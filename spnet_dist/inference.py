@@ -24,7 +24,7 @@ from torch import nn
 from .models.blocks import check_skip_strategy
 from .models.factory import MODEL_NAMES, create_model
 from .models.fuse import optimize_for_inference
-from .models.resnet import GatedResNet
+from .models.resnet import GatedResNet, check_per_image_stages
 
 EXPORT_FORMAT = "spnet-dist-export/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -202,8 +202,7 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     if execution not in EXECUTION_MODES:
         raise ValueError(f"execution: must be one of {EXECUTION_MODES}, got {execution!r}")
     check_skip_strategy(skip_strategy)  # before any file is read
-    if per_image_stages not in ("auto", "off"):
-        raise ValueError(f"per_image_stages: must be 'auto' or 'off', got {per_image_stages!r}")
+    check_per_image_stages(per_image_stages)
     path = Path(path)
     config = read_export_config(path)
     weights_path = path / WEIGHTS_FILE

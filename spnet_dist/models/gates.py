@@ -56,13 +56,19 @@ class GateOutput:
     @classmethod
     def cat(cls, parts: Sequence["GateOutput"]) -> "GateOutput":
         """One router's verdicts on consecutive parts of a batch, as one verdict on the batch."""
-        flags = [p.overflow for p in parts if p.overflow is not None]
         return cls(
             logits=torch.cat([p.logits for p in parts]),
             prob=torch.cat([p.prob for p in parts]),
             decision=torch.cat([p.decision for p in parts]),
-            overflow=torch.stack(flags).any() if flags else None,
+            overflow=any_overflow(parts),
         )  # no pooled: nothing reads a block input's pool after its block ran
+
+
+def any_overflow(gates: Sequence[GateOutput]) -> Optional[Tensor]:
+    """The OR of the gates' capacity overflow flags, a 0-dim device bool (never read here); None
+    when no gate has one (no block ran with fewer slots than its batch)."""
+    flags = [g.overflow for g in gates if g.overflow is not None]
+    return torch.stack(flags).any() if flags else None
 
 
 def global_pool(x: Tensor) -> Tensor:

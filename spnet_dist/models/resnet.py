@@ -25,10 +25,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import GatedBasicBlock, GatedBlock, GatedBottleneck, check_skip_strategy
-from .gates import GateOutput, autocast_off
+from .gates import GateOutput, any_overflow, autocast_off
 from .output import SPNetOutput
 
 _Result = TypeVar("_Result")
+
+PER_IMAGE_STAGES = ("auto", "off")
+
+
+def check_per_image_stages(mode: str) -> str:
+    """``mode`` if it is one of :data:`PER_IMAGE_STAGES`, else a one-line ``ValueError``."""
+    if mode not in PER_IMAGE_STAGES:
+        raise ValueError(f"per_image_stages: must be one of {PER_IMAGE_STAGES}, got {mode!r}")
+    return mode
+
 
 # Keys a torchvision ResNet does not have: routers and the training-only heads.
 SPNET_ONLY_KEY_MARKERS = (".router.", "aux_heads.", "block_aligners.")
@@ -267,8 +277,7 @@ class GatedResNet(nn.Module):
             min_bytes: per-image size of a stage's output from which it runs per image; None
                 keeps the current one (1 MiB).
         """
-        if mode not in ("auto", "off"):
-            raise ValueError(f"per_image_stages: must be 'auto' or 'off', got {mode!r}")
+        check_per_image_stages(mode)
         if min_bytes is not None and (isinstance(min_bytes, bool) or not isinstance(min_bytes, int) or min_bytes < 0):
             raise ValueError(f"min_bytes: must be an integer >= 0, got {min_bytes!r}")
         self.per_image_stages = mode
@@ -311,11 +320,6 @@ class GatedResNet(nn.Module):
             result, _ = run(x, "gather")
         return result
 
-    @staticmethod
-    def _any_overflow(gates: Sequence) -> Optional[Tensor]:
-        flags = [g.overflow for g in gates if g.overflow is not None]
-        return torch.stack(flags).any() if flags else None
-
     def forward_features(self, x: Tensor) -> Tensor:
         """timm-style: the final feature map (B, D, h, w); gate information is discarded."""
         self.check_input(x)
@@ -323,7 +327,7 @@ class GatedResNet(nn.Module):
 
     def _features_once(self, x: Tensor, skip_strategy: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
         trunk = self._trunk(x, skip_strategy, record=False)
-        return trunk.x, self._any_overflow(trunk.gates)
+        return trunk.x, any_overflow(trunk.gates)
 
     def _trunk(self, x: Tensor, skip_strategy: Optional[str], record: bool) -> _Trunk:
         """The stem and every stage, the leading ones image by image when ``count_per_image_stages`` says so.
@@ -407,7 +411,7 @@ class GatedResNet(nn.Module):
             block_stage=self.block_stage,
             block_pooled=block_pooled if self.block_aligners is not None else None,
         )
-        return output, self._any_overflow(gates)
+        return output, any_overflow(gates)
 
     # ---------------------------------------------------------------- export
     def inference_copy(self) -> "GatedResNet":

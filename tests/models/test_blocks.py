@@ -5,6 +5,7 @@ import torch
 from spnet_dist.models import blocks, create_model, gates
 
 from .test_resnet import _mixed_routers, _randomize_bn
+from .test_skip_capacity import _model
 
 
 def _both(model, x, **kw):
@@ -112,11 +113,7 @@ def test_skipping_routers_pool_only_the_samples_a_block_changed(name, size, monk
     """A block with an identity shortcut leaves its closed samples unchanged, so the next router
     reuses their pool (GateOutput.pooled) and pools only the open samples' new rows."""
     x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(4))
-    torch.manual_seed(0)
-    model = create_model(name, num_classes=10)
-    _randomize_bn(model)
-    _mixed_routers(model, x)
-    list(model.gated_blocks())[1].router.force = False  # an identity block closed for the whole batch
+    model = _model(name, x, forced={1: False})  # an identity block closed for the whole batch
     pooled_rows = []
     real_pool = gates.global_pool
 

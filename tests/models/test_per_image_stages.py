@@ -7,7 +7,7 @@ import torch
 from spnet_dist.models import create_model
 from spnet_dist.models.resnet import _empty_batch_like
 
-from .test_resnet import _mixed_routers, _randomize_bn
+from .test_skip_capacity import _model
 
 STAGE_OUTPUT_BYTES_224 = [256 * 56 * 56 * 4, 512 * 28 * 28 * 4, 1024 * 14 * 14 * 4, 2048 * 7 * 7 * 4]
 
@@ -53,14 +53,10 @@ def _every_field(out):
     return tensors + list(out.block_features or []) + list(out.block_pooled or [])
 
 
-def _pair(name, size, batch, seed=0):
+def _pair(name, size, batch):
     """A model with mixed routers, aux heads and block aligners, and its input."""
-    torch.manual_seed(seed)
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
-    model = create_model(name, num_classes=10, block_align=True)
-    _randomize_bn(model)
-    _mixed_routers(model, x)
-    return model, x
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    return _model(name, x, block_align=True), x
 
 
 @pytest.mark.parametrize("name, size, min_bytes, expected_stages", [

@@ -10,10 +10,11 @@ from spnet_dist.models.blocks import resolve_skip_strategy, skip_capacity
 from .test_resnet import _mixed_routers, _randomize_bn
 
 
-def _model(name, x, forced=None):
-    """A model whose routers open for part of the batch; ``forced`` = {block index: True/False}."""
+def _model(name, x, forced=None, **kwargs):
+    """A model whose routers open for part of the batch; ``forced`` = {block index: True/False};
+    ``kwargs`` go to ``create_model``."""
     torch.manual_seed(0)
-    model = create_model(name, num_classes=10)
+    model = create_model(name, num_classes=10, **kwargs)
     _randomize_bn(model)
     _mixed_routers(model, x)
     blocks = list(model.gated_blocks())
