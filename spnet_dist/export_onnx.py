@@ -42,7 +42,6 @@ def export_onnx(model: GatedResNet, path: str | Path, image_size: int) -> Path:
 
     masked = copy.deepcopy(model).eval()
     masked.set_execution("masked")
-    masked.set_per_image_stages("off")  # a per-image loop would unroll at the traced batch size
     example = torch.zeros(2, masked.in_chans, image_size, image_size)
     program = torch.onnx.export(
         MaskedForward(masked).eval(), (example,), dynamo=True, input_names=["images"],

@@ -285,8 +285,14 @@ class GatedResNet(nn.Module):
             self.per_image_min_bytes = min_bytes
 
     def count_per_image_stages(self, x: Tensor) -> int:
-        """How many leading stages (with the stem) run one image at a time for input ``x``."""
+        """How many leading stages (with the stem) run one image at a time for input ``x``.
+
+        0 while a graph is captured (torch.compile, torch.export and the ONNX exporter, jit
+        tracing): the per-image loop would unroll at the traced batch size.
+        """
         if self.per_image_stages == "off" or self.training or x.device.type != "cpu" or x.shape[0] == 1:
+            return 0
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return 0
         height, width = x.shape[-2:]
         stride, count = self.stem_stride, 0

@@ -1,6 +1,8 @@
 """Per-image early stages (resnet.py ``set_per_image_stages``, ``_trunk``): on the CPU the stem and
 the stages with large activations run one image at a time, the rest on the whole batch; every
 output must be what the whole-batch forward gives."""
+from unittest import mock
+
 import pytest
 import torch
 
@@ -33,6 +35,10 @@ def test_the_stages_that_run_per_image_follow_the_size_of_their_output():
     assert model.count_per_image_stages(x.to(torch.bfloat16)) == 1  # half the bytes per element
     model.train()
     assert model.count_per_image_stages(x) == 0  # training keeps whole batches (BatchNorm batch statistics)
+    model.eval()
+    for capture in ("torch.compiler.is_compiling", "torch.jit.is_tracing"):  # compile / export / ONNX, jit.trace
+        with mock.patch(capture, return_value=True):
+            assert model.count_per_image_stages(x) == 0  # a per-image loop would unroll at the traced batch size
     model.eval()
     model.set_per_image_stages("off")
     assert model.count_per_image_stages(x) == 0
