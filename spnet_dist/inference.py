@@ -135,18 +135,21 @@ def measured_rates(config: dict[str, Any], num_blocks: int, source: Union[str, P
     return [float(r) for r in rates]
 
 
-def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], source: Union[str, Path],
+def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], source: Union[str, Path], *,
+                   execution: str = "skip", skip_strategy: str = "auto", per_image_stages: str = "auto",
                    **overrides: Any) -> GatedResNet:
     """The gated inference network of an export config with ``weights`` loaded strictly.
 
     Each block's expected execution rate (the capacity skip strategy's capacity rule) is set
     from the rates measured at the end of training; without them it stays 1.0 (capacity =
-    batch: never overflows, saves nothing).
+    batch: never overflows, saves nothing). The defaults of the schedule are those of every
+    exported model, ``load_model``'s and timm's ``pretrained=True`` alike.
 
     Args:
         config: the export's ``config.json``.
         weights: its state dict.
         source: file named in errors.
+        execution, skip_strategy, per_image_stages: as in :func:`load_model`.
         **overrides: ``create_model`` arguments that win over the config (timm passes some).
     """
     name = config["architecture"]["name"]
@@ -160,6 +163,9 @@ def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], sou
     if rates is not None:
         model.set_skip_capacity(rates=rates)
     model.pretrained_cfg = pretrained_cfg(config, source)
+    model.set_execution(execution)
+    model.set_skip_strategy(skip_strategy)
+    model.set_per_image_stages(per_image_stages)
     return model
 
 
@@ -214,10 +220,8 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
         model = getattr(torchvision.models, arch["torchvision_name"])(num_classes=arch["num_classes"])
         load_state_strict(model, weights, weights_path)
         return _place(model, device, channels_last)
-    model = build_exported(config, weights, weights_path)
-    model.set_execution(execution)
-    model.set_skip_strategy(skip_strategy)
-    model.set_per_image_stages(per_image_stages)
+    model = build_exported(config, weights, weights_path, execution=execution, skip_strategy=skip_strategy,
+                           per_image_stages=per_image_stages)
     model = _place(model, device, channels_last)
     return optimize_for_inference(model) if optimize else model
 

@@ -37,9 +37,9 @@ def _build(builder: Callable[..., GatedResNet], name: str, pretrained: bool, kwa
 
 
 def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
-    """timm's ``pretrained=True`` path: the export's architecture, its weights, skipping execution
-    (``skip_strategy="auto"``, capacities from the export's measured rates, ``per_image_stages="auto"``,
-    as ``load_model``)."""
+    """timm's ``pretrained=True`` path: the export's architecture, its weights and the schedule of
+    every exported model (``build_exported``: skipping execution, ``skip_strategy="auto"``,
+    capacities from the export's measured rates, ``per_image_stages="auto"``)."""
     from ..inference import ExportError, build_exported, read_export_config, read_weights
 
     config = read_export_config(file)
@@ -47,11 +47,7 @@ def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
         raise ExportError(f"{file}: a --static export is a torchvision state dict; load it into torchvision.models")
     if config["architecture"]["name"] != name:
         raise ExportError(f"{file}: holds {config['architecture']['name']!r}, not {name!r}")
-    model = build_exported(config, read_weights(file), file, **kwargs)
-    model.set_execution("skip")
-    model.set_skip_strategy("auto")  # as load_model: no per-block host sync on CUDA
-    model.set_per_image_stages("auto")  # as load_model: large early activations image by image on the CPU
-    return model
+    return build_exported(config, read_weights(file), file, **kwargs)
 
 
 @register_model
