@@ -282,6 +282,11 @@ class TrainingJob:
             raise RuntimeError(f"{stop}, but submitit's {signal.Signals(signum).name} handler is not "
                                f"installed (found {handler!r}): cannot requeue") from stop
         print(f"rank 0: {stop}; requeueing through submitit", flush=True)
+        # `scontrol requeue` makes SLURM SIGTERM every process of the job, and that can reach the
+        # `scontrol` child itself before it returns: submitit then raises CalledProcessError and
+        # never logs the requeue (seen in CI). An ignored SIGTERM is inherited across exec, so
+        # the child finishes; this process is exiting anyway (submitit only logs SIGTERM here).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         handler(signum, None)  # requeues and exits (SystemExit), or raises if out of time-outs
 
 

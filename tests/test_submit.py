@@ -2,8 +2,10 @@
 checkpointable callable, and submitit's local executor requeueing a real 2-rank run."""
 from __future__ import annotations
 
+import logging
 import math
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -109,6 +111,37 @@ def test_checkpoint_resubmits_the_same_job_without_saving(tmp_path):
     assert isinstance(again, S.TrainingJob) and again.cfg == cfg and again.entry == job.entry
     assert (delayed.args, delayed.kwargs) == ((), {})
     assert not (tmp_path / "run").exists()  # saving is the training loop's job, not checkpoint()'s
+
+
+def test_the_requeue_command_survives_the_sigterm_slurm_sends_the_job():
+    """SLURM answers `scontrol requeue` by SIGTERMing every process of the job, the still running
+    `scontrol` included. Here the stand-in requeue command SIGTERMs itself: it must survive."""
+    from submitit.core.job_environment import SignalHandler
+
+    requeued = []
+
+    class Environment:
+        global_rank = 0
+
+        def _requeue(self, countdown):
+            subprocess.check_call([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"])
+            requeued.append(countdown)
+
+    handler = SignalHandler.__new__(SignalHandler)  # only what checkpoint_and_try_requeue reads
+    handler.env, handler._logger = Environment(), logging.getLogger("test")
+    handler.has_timed_out = lambda: False
+    handler._delayed = type("Delayed", (), {"_timeout_countdown": 3, "function": None})()
+    handler._exit = lambda: sys.exit(0)
+    usr2 = signal.getsignal(signal.SIGUSR2)
+    term = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+        with pytest.raises(SystemExit):
+            S.TrainingJob._requeue(0, RuntimeError("stopped by SIGTERM"))
+    finally:
+        signal.signal(signal.SIGUSR2, usr2)
+        signal.signal(signal.SIGTERM, term)
+    assert requeued == [3]
 
 
 # --------------------------------------------------------------------------------------------
