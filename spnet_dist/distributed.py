@@ -27,6 +27,7 @@ import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -45,6 +46,7 @@ __all__ = [
     "is_main_process",
     "barrier",
     "destroy",
+    "unlink_deepspeed_shm",
     "all_reduce_mean_",
     "broadcast_",
     "average_buffers_",
@@ -321,6 +323,35 @@ def destroy() -> None:
         for name, value in vars(groups).items():
             if name.startswith("_") and name.endswith("_GROUP") and isinstance(value, dict):
                 value.clear()
+
+
+def deepspeed_shm_path(rank: int | None = None) -> Path:
+    """Where DeepSpeed's CPU backend keeps ``rank``'s all-reduce segment (default: this rank).
+
+    Its name is ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
+    (``shm_initialize`` in DeepSpeed's ``csrc/cpu/comm/shm.cpp``); Linux keeps POSIX shared
+    memory as files under ``/dev/shm``.
+    """
+    rank = get_rank() if rank is None else rank
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def unlink_deepspeed_shm() -> None:
+    """Remove this rank's DeepSpeed shared-memory segment once every rank has mapped it.
+
+    When all ranks share one node (``LOCAL_SIZE == WORLD_SIZE``, which the ``deepspeed``
+    launcher exports), DeepSpeed's CPU backend creates one ~66 MB segment per rank for its
+    low-latency all-reduce, maps every peer's, and never unlinks them: each CPU job left
+    ``world_size`` x 66 MB of RAM in ``/dev/shm`` for good, and a later job on the same port
+    would map the stale segments. Every rank has mapped every segment by the time
+    ``deepspeed.initialize`` returns on all ranks (the backend's constructor spins until its
+    peers' segments exist), so after a barrier the names are no longer needed: the mappings
+    outlive the names, and the kernel frees the memory when the last process exits, however
+    it exits. Collective: call on every rank (after ``deepspeed.initialize``).
+    """
+    barrier()
+    deepspeed_shm_path().unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------

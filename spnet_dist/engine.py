@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import lr_scheduler as sched
 
-from spnet_dist.distributed import init_distributed
+from spnet_dist.distributed import init_distributed, unlink_deepspeed_shm
 
 __all__ = [
     "WARMUP_START_FACTOR",
@@ -225,6 +225,7 @@ def build_engine(
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=copy.deepcopy(ds_config),  # DeepSpeed may fill in defaults
     )
+    unlink_deepspeed_shm()  # DeepSpeed's CPU backend would leave its segments in /dev/shm
     return engine, ds_optimizer, ds_scheduler
 
 

@@ -184,8 +184,9 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
             stem's max-pool alone runs ~20x faster than in NCHW at batch 1 (measured; see
             tools/bench_inference.py), which is time every sample pays whatever its gates say;
             GPUs prefer NHWC for mixed precision too. Same outputs up to float rounding.
-        optimize: fold every BatchNorm into the layer before it and compute strided 1x1
-            projections as subsample + convolution (:mod:`spnet_dist.models.fuse`): same
+        optimize: fold every BatchNorm into the layer before it, compute strided 1x1
+            projections as subsample + convolution and small-batch 1x1 convolutions on oneDNN
+            on the CPU (:mod:`spnet_dist.models.fuse`): same
             function up to float rounding, faster (most at batch 1); such a model cannot be put
             back into training mode. ``False`` gives the network exactly as trained.
         skip_strategy: how ``"skip"`` runs (:mod:`spnet_dist.models.blocks`): ``"gather"``

@@ -50,7 +50,9 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for a launched job: ours minus launcher variables, one thread per rank."""
     out = {k: v for k, v in os.environ.items()
            if k not in _DIST_VARS and not k.startswith("TORCHELASTIC_")}
-    out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a rank that dies of a signal (SIGABRT from C++, SIGSEGV) prints the
+    # Python stack of every thread, which the failure message shows.
+    out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), out.get("PYTHONPATH")]))
     out.update(env or {})
     return out
@@ -157,7 +159,7 @@ def run_torchrun_nodes(script_path: str | Path, nnodes: int, args: Sequence[str]
         log.close()
     if timed_out or failed:
         what = f"timed out after {timeout}s" if timed_out else f"node(s) {failed} failed"
-        tails = "\n".join(f"=== node {i} ===\n{_tail(out, 40)}" for i, out in enumerate(outputs))
+        tails = "\n".join(f"=== node {i} ===\n{_tail(out, 120)}" for i, out in enumerate(outputs))
         raise RuntimeError(f"{what}: {script_path} on {nnodes} nodes\n{tails}")
     return outputs
 

@@ -135,4 +135,9 @@ def test_deepspeed_launcher_two_cpu_ranks(reference, tmp_path):
     so without --num_gpus it would start one rank); the script receives --local_rank."""
     out = tmp_path / "ds.pt"
     run_deepspeed(WORKERS / "train.py", nproc=2, args=["--out", str(out), "--zero", "1"], timeout=240)
-    _check_two_rank_run(torch.load(out), reference)
+    result = torch.load(out)
+    _check_two_rank_run(result, reference)
+    # The launcher's LOCAL_SIZE turns on DeepSpeed's shared-memory all-reduce; its segments are
+    # unlinked once mapped (they used to stay in /dev/shm, 66 MB per rank) and still work.
+    assert result["shm_sum"] == [3.0] * 8
+    assert result["shm_left"] == []

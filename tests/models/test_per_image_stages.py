@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from spnet_dist.models import create_model
+from spnet_dist.models.gates import global_pool
 from spnet_dist.models.resnet import _empty_batch_like
 
 from .test_skip_capacity import _model
@@ -140,3 +141,87 @@ def test_gradients_flow_through_the_per_image_stages(execution):
         grads.append(x.grad.clone())
     assert grads[0].abs().max() > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-4 * grads[0].abs().max().item())
+
+
+@pytest.mark.parametrize("execution", ["masked", "skip"])
+def test_the_first_batch_router_gets_the_pool_of_the_joined_batch_from_the_per_image_stages(execution):
+    """Pooled image by image while in cache, bitwise what pooling the joined batch gives."""
+    model, x = _pair("spnet_resnet50", 64, batch=5)
+    model.set_execution(execution)
+    model.set_per_image_stages("auto", min_bytes=256 * 16 * 16 * 4)  # stage 1 per image
+    given = []
+    model.stages[1][0].router.register_forward_pre_hook(lambda _m, args: given.append(args))
+    with torch.no_grad():
+        model(x)
+    (joined, pooled), = given
+    assert pooled is not None and torch.equal(pooled, global_pool(joined))
+
+
+def _joined_batches_seen(model, stage):
+    """The input of ``stage``'s first router at every forward (the joined batch). Held here, so a
+    new tensor can never take the address of an earlier one: ``is`` tells reuse."""
+    seen = []
+    model.stages[stage][0].router.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    return seen
+
+
+def test_the_joined_batch_is_reused_only_where_nothing_else_can_see_it():
+    """The batch the per-image stages are joined into is kept for the next forward (a fresh 51 MB
+    tensor costs ~15 ms of page zeroing at batch 32), but never under autograd, never when it is the
+    forward's result, never twice at once, never across inference mode and no_grad."""
+    model, x = _pair("spnet_cifar_resnet20", 32, batch=3)
+    x2 = torch.randn_like(x)
+    model.set_execution("skip")
+    with torch.no_grad():
+        want = [model(x).logits, model(x2).logits]
+    model.set_per_image_stages("auto", min_bytes=16 * 32 * 32 * 4)  # stage 1 per image, joined before stage 2
+    seen = _joined_batches_seen(model, stage=1)
+
+    def close(got, i):
+        torch.testing.assert_close(got, want[i], rtol=0, atol=1e-5)
+
+    with torch.no_grad():
+        close(model(x).logits, 0)
+        close(model(x2).logits, 1)
+    assert seen[1] is seen[0], "the second forward must join into the first one's batch"
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[:2]).logits, want[0][:2], rtol=0, atol=1e-5)  # another batch size
+    with torch.inference_mode():  # the no_grad spare cannot be written in inference mode: a new one
+        close(model(x).logits, 0)
+        close(model(x2).logits, 1)
+    with torch.no_grad():
+        close(model(x).logits, 0)
+    assert seen[4] is seen[3] and seen[3] is not seen[1]
+
+    # A forward nested in another (a hook running the model again) must not write into the batch
+    # the outer forward is still reading.
+    nested = []
+
+    def run_nested(_module, _args):
+        if not nested:
+            nested.append(None)  # once: the nested forward meets this hook too
+            nested.append(model(x2).logits)
+
+    hook = model.stages[1][1].router.register_forward_pre_hook(run_nested)
+    with torch.no_grad():
+        close(model(x).logits, 0)
+    hook.remove()
+    close(nested[1], 1)
+
+    # Autograd: the graph of the first forward saved the joined batch; a second forward must not overwrite it.
+    xs = [x.clone().requires_grad_(True), x2.clone().requires_grad_(True)]
+    losses = [model(xi).logits.sum() for xi in xs]
+    losses[0].backward()  # "modified by an inplace operation" if the second forward had reused it
+    grad = xs[0].grad.clone()
+    model.set_per_image_stages("off")
+    xs[0].grad = None
+    model(xs[0]).logits.sum().backward()
+    torch.testing.assert_close(grad, xs[0].grad, rtol=0, atol=1e-4 * xs[0].grad.abs().max().item())
+
+    # When every stage runs per image the joined batch is the result: the caller owns it.
+    model.set_per_image_stages("auto", min_bytes=0)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        kept = features.clone()
+        model.forward_features(x2)
+    assert torch.equal(features, kept)

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from spnet_dist import distributed as D  # noqa: E402
 from spnet_dist.data import build as data_build  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
 from spnet_dist.train import Trainer  # noqa: E402
@@ -112,4 +113,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # As spnet-train does: a process that exits with its gloo group alive can abort in
+        # interpreter shutdown (a gloo worker thread frees a finished work's tensors, needs the
+        # GIL, and is killed: "terminate called without an active exception", SIGABRT).
+        D.destroy()

@@ -6,6 +6,7 @@ take part in the collectives.
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,17 @@ def main() -> None:
     engine, _, scheduler = build_engine(toy_model(seed=0), cfg.optim, cfg.schedule,
                                         ds_config(cfg, world), steps_per_epoch=2)
     assert engine.world_size == world and engine.global_rank == rank
+    # build_engine unlinked every rank's DeepSpeed shared-memory segment (the deepspeed
+    # launcher's LOCAL_SIZE turns them on); the mapped segments must still carry DeepSpeed's
+    # shared-memory all-reduce.
+    D.barrier()
+    job_segments = D.deepspeed_shm_path(rank=0).name.removesuffix("_0") + "_*"  # every rank's
+    shm_left = sorted(p.name for p in Path("/dev/shm").glob(job_segments))
+    shm_sum = None
+    if os.environ.get("LOCAL_SIZE") == str(world):
+        import deepspeed.comm
+
+        shm_sum = deepspeed.comm.inference_all_reduce(torch.full((8,), float(rank + 1))).tolist()
 
     losses = train_steps(engine, a.steps, rank, world, a.grad_accum, a.global_batch)
     module = engine.module
@@ -54,6 +66,8 @@ def main() -> None:
         "scheduler_steps": scheduler.last_epoch,
         "param_mismatch": D.count_rank_mismatches(params),
         "buffer_mismatch_before": D.count_rank_mismatches(float_buffers),
+        "shm_left": shm_left,
+        "shm_sum": shm_sum,
     }
     D.average_buffers_(module)
     result["buffer_mismatch_after"] = D.count_rank_mismatches(list(module.buffers()))
