@@ -32,8 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gates import GateOutput, Router, global_pool
+from .spare import Spare
 
 SKIP_STRATEGIES = ("auto", "gather", "capacity")
+
+# The open samples a skipping block gathers (up to a batch-sized activation, 26 MB in ResNet-50's
+# stage 3 at batch 32), kept between blocks and forwards instead of allocated each time (spare.py).
+_GATHERED = Spare()
 
 
 def check_skip_strategy(strategy: str) -> str:
@@ -89,12 +94,22 @@ def _sample_rows(x: Tensor) -> Optional[Tensor]:
     return None
 
 
-def gather_samples(x: Tensor, index: Tensor) -> Tensor:
-    """``x[index]`` along the batch dimension, in ``x``'s memory format."""
+def gather_samples(x: Tensor, index: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``x[index]`` along the batch dimension, in ``x``'s memory format.
+
+    Args:
+        x: (B, ...) samples.
+        index: (n,) sample indices.
+        out: a flat tensor of at least n samples' elements to gather into (a :class:`Spare`'s);
+            None allocates.
+    """
     rows = _sample_rows(x)
     if rows is None:
         return x[index]  # advanced indexing keeps a channels_last layout (index_select would not)
-    picked = rows.index_select(0, index)
+    if out is None:
+        picked = rows.index_select(0, index)
+    else:
+        picked = torch.index_select(rows, 0, index, out=out[:index.numel() * rows.shape[1]].view(-1, rows.shape[1]))
     if x.is_contiguous():
         return picked.view(-1, *x.shape[1:])
     _, channels, height, width = x.shape
@@ -228,7 +243,9 @@ class GatedBlock(nn.Module):
             if in_place and res.dtype == out.dtype:
                 return res.add_(out).relu_(), gate, None
             return F.relu(out + res), gate, None  # promotes like the masked path (bf16 residual, fp32 shortcut)
-        x_open = gather_samples(x, open_idx)  # (B_open, C, H, W)
+        # sized for the batch: any count fits. CPU only: CUDA's caching allocator reuses memory itself.
+        spare = _GATHERED.take(x.numel(), x) if in_place and x.device.type == "cpu" else None
+        x_open = gather_samples(x, open_idx, out=spare)  # (B_open, C, H, W)
         res = self.residual(x_open)
         if in_place and self.shortcut_nonnegative and res.dtype == out.dtype:
             # The closed rows of a non-negative shortcut are final already (relu is the
@@ -236,8 +253,12 @@ class GatedBlock(nn.Module):
             shortcut_open = x_open if out is x else gather_samples(out, open_idx)
             rows = res.add_(shortcut_open).relu_()
             pooled_out = pooled.index_copy(0, open_idx, global_pool(rows)) if keeps_pool else None
-            return scatter_samples_(out, open_idx, rows, accumulate=False), gate, pooled_out
-        return self._add_rows_relu(out, open_idx, res, in_place), gate, None
+            out, pooled = scatter_samples_(out, open_idx, rows, accumulate=False), pooled_out
+        else:
+            out, pooled = self._add_rows_relu(out, open_idx, res, in_place), None
+        if spare is not None:
+            _GATHERED.give(spare)  # x_open is dead: nothing returned views it
+        return out, gate, pooled
 
     def skip_capacity(self, batch: int, device: torch.device) -> int:
         """This block's capacity C for a batch of ``batch`` on ``device`` (:func:`skip_capacity`)."""

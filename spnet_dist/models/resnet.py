@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import threading
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from .blocks import GatedBasicBlock, GatedBlock, GatedBottleneck, check_skip_strategy
 from .gates import GateOutput, any_overflow, autocast_off, global_pool
 from .output import SPNetOutput
+from .spare import Spare, batch_view
 
 _Result = TypeVar("_Result")
 
@@ -80,43 +80,10 @@ class _Trunk:
                       self.block_pooled + later.block_pooled, later.pooled)
 
 
-def _is_channels_last(t: Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
-def _empty_batch_like(part: Tensor, batch: int) -> Tensor:
-    """An uninitialised tensor of ``batch`` samples shaped and laid out like ``part`` (NCHW or channels_last)."""
-    return torch.empty((batch, *part.shape[1:]), dtype=part.dtype, device=part.device,
-                       memory_format=torch.channels_last if _is_channels_last(part) else torch.contiguous_format)
-
-
-# The batch tensor the per-image stages are joined into, kept between forwards (one per thread).
-# It is the largest tensor of such a forward (51 MB at batch 32 for ResNet-50 at 224 px), larger
-# than glibc ever serves from its heap (at most 32 MB): allocated afresh, it came from a new mmap
-# whose 12.5k pages the kernel zeroed on first touch, ~15 ms of every batch-32 forward.
-_SPARE_JOIN = threading.local()
-
-
-def _take_join_buffer(part: Tensor, batch: int) -> Tensor:
-    """A batch tensor laid out like ``part``: the spare one if it fits, else a new one.
-
-    The spare is taken, not shared, so a forward nested in another (a hook) gets its own.
-    """
-    spare, _SPARE_JOIN.tensor = getattr(_SPARE_JOIN, "tensor", None), None
-    if (spare is not None
-            and spare.shape == (batch, *part.shape[1:]) and spare.dtype == part.dtype
-            and spare.device == part.device and _is_channels_last(spare) == _is_channels_last(part)
-            and spare.is_inference() == torch.is_inference_mode_enabled()):
-        return spare
-    return _empty_batch_like(part, batch)
-
-
-def _keep_join_buffer(buffer: Tensor, result: Tensor) -> None:
-    """Keep ``buffer`` for the next forward unless autograd recorded it (the graph may have saved
-    it for the backward pass) or ``result`` (which leaves the model) is a view of it: then the
-    caller owns it."""
-    if not torch.is_grad_enabled() and result.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr():
-        _SPARE_JOIN.tensor = buffer
+# The batch the per-image stages are joined into: the largest tensor of such a forward (51 MB at
+# batch 32 for ResNet-50 at 224 px), more than glibc serves from its heap (32 MB at most), so a new
+# one came from a fresh mmap whose 12.5k pages the kernel zeroed on first touch, ~15 ms a forward.
+_JOIN = Spare()
 
 
 class GatedResNet(nn.Module):
@@ -389,7 +356,8 @@ class GatedResNet(nn.Module):
         for i in range(x.shape[0]):
             part = self._run_stages(self.forward_stem(x[i:i + 1]), every_stage[:per_image], skip_strategy, record)
             if joined is None:
-                joined = _take_join_buffer(part.x, x.shape[0])
+                flat = _JOIN.take(x.shape[0] * part.x[0].numel(), part.x)
+                joined = batch_view(flat, x.shape[0], part.x)
             joined[i:i + 1].copy_(part.x)  # while still in cache: measured ~25 % cheaper than one torch.cat at the end
             if batch_stages:
                 # The next router's pool, while the image is in cache (bitwise what pooling the joined
@@ -398,7 +366,8 @@ class GatedResNet(nn.Module):
             parts.append(dataclasses.replace(part, x=joined, pooled=None))  # the image's own output can go now
         pooled = torch.cat(pools) if pools else None
         trunk = _Trunk.join(joined, parts).then(self._run_stages(joined, batch_stages, skip_strategy, record, pooled))
-        _keep_join_buffer(joined, trunk.x)
+        if trunk.x.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+            _JOIN.give(flat)  # else the joined batch is the result (every stage ran per image): the caller's now
         return trunk
 
     def _run_stages(self, x: Tensor, stage_indices: range, skip_strategy: Optional[str], record: bool,

@@ -8,7 +8,7 @@ import torch
 
 from spnet_dist.models import create_model
 from spnet_dist.models.gates import global_pool
-from spnet_dist.models.resnet import _empty_batch_like
+from spnet_dist.models.spare import batch_view
 
 from .test_skip_capacity import _model
 
@@ -116,7 +116,7 @@ def test_the_joined_batch_keeps_the_layout_of_its_parts(channels_last):
     part = torch.randn(1, 8, 5, 5)
     if channels_last:
         part = part.contiguous(memory_format=torch.channels_last)
-    joined = _empty_batch_like(part, 4)
+    joined = batch_view(torch.empty(4 * 8 * 5 * 5 + 7), 4, part)  # a spare buffer may be larger
     assert joined.shape == (4, 8, 5, 5) and joined.dtype == part.dtype
     assert joined.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model, x = _pair("spnet_cifar_resnet20", 32, batch=3)
@@ -158,10 +158,15 @@ def test_the_first_batch_router_gets_the_pool_of_the_joined_batch_from_the_per_i
 
 
 def _joined_batches_seen(model, stage):
-    """The input of ``stage``'s first router at every forward (the joined batch). Held here, so a
-    new tensor can never take the address of an earlier one: ``is`` tells reuse."""
-    seen = []
-    model.stages[stage][0].router.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    """The memory of the input of ``stage``'s first router at every forward (the joined batch).
+    The tensors are held here, so new memory can never take the address of earlier memory."""
+    seen, held = [], []
+
+    def record(_module, args):
+        held.append(args[0])
+        seen.append(args[0].untyped_storage().data_ptr())
+
+    model.stages[stage][0].router.register_forward_pre_hook(record)
     return seen
 
 
@@ -183,7 +188,7 @@ def test_the_joined_batch_is_reused_only_where_nothing_else_can_see_it():
     with torch.no_grad():
         close(model(x).logits, 0)
         close(model(x2).logits, 1)
-    assert seen[1] is seen[0], "the second forward must join into the first one's batch"
+    assert seen[1] == seen[0], "the second forward must join into the first one's batch"
     with torch.no_grad():
         torch.testing.assert_close(model(x[:2]).logits, want[0][:2], rtol=0, atol=1e-5)  # another batch size
     with torch.inference_mode():  # the no_grad spare cannot be written in inference mode: a new one
@@ -191,7 +196,7 @@ def test_the_joined_batch_is_reused_only_where_nothing_else_can_see_it():
         close(model(x2).logits, 1)
     with torch.no_grad():
         close(model(x).logits, 0)
-    assert seen[4] is seen[3] and seen[3] is not seen[1]
+    assert seen[4] == seen[3] and seen[3] != seen[1]
 
     # A forward nested in another (a hook running the model again) must not write into the batch
     # the outer forward is still reading.
