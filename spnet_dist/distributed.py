@@ -46,6 +46,7 @@ __all__ = [
     "is_main_process",
     "barrier",
     "destroy",
+    "deepspeed_shm_path",
     "unlink_deepspeed_shm",
     "all_reduce_mean_",
     "broadcast_",

@@ -48,6 +48,7 @@ from spnet_dist.export import export_module
 from spnet_dist.flops import profile_macs
 from spnet_dist.models import create_model
 from spnet_dist.models.gates import GateOutput
+from spnet_dist.models.resnet import PER_IMAGE_STAGES
 
 
 def calibrate_routers(model, images: torch.Tensor, rate: float, seed: int = 0) -> None:
@@ -135,7 +136,7 @@ def main() -> None:
                         "not of the block pattern of a single one (blocks differ ~2x in time per MAC at batch 1)")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least disturbed by neighbours)")
-    p.add_argument("--per-image-stages", choices=("auto", "off"), default="auto",
+    p.add_argument("--per-image-stages", choices=PER_IMAGE_STAGES, default="auto",
                    help="load_model's schedule: 'auto' (default) runs the large early stages image by image on the CPU")
     a = p.parse_args()
     torch.set_num_threads(a.threads)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gates import GateOutput, Router, global_pool
-from .spare import Spare
+from .spare import Spare, batch_view
 
 SKIP_STRATEGIES = ("auto", "gather", "capacity")
 
@@ -110,10 +110,7 @@ def gather_samples(x: Tensor, index: Tensor, out: Optional[Tensor] = None) -> Te
         picked = rows.index_select(0, index)
     else:
         picked = torch.index_select(rows, 0, index, out=out[:index.numel() * rows.shape[1]].view(-1, rows.shape[1]))
-    if x.is_contiguous():
-        return picked.view(-1, *x.shape[1:])
-    _, channels, height, width = x.shape
-    return picked.view(-1, height, width, channels).permute(0, 3, 1, 2)  # channels_last NCHW view
+    return batch_view(picked.view(-1), index.numel(), x)  # rows back to (n, C, H, W) in x's layout
 
 
 def scatter_samples_(out: Tensor, index: Tensor, values: Tensor, accumulate: bool) -> Tensor:

@@ -44,8 +44,7 @@ def main() -> None:
     # launcher's LOCAL_SIZE turns them on); the mapped segments must still carry DeepSpeed's
     # shared-memory all-reduce.
     D.barrier()
-    job_segments = D.deepspeed_shm_path(rank=0).name.removesuffix("_0") + "_*"  # every rank's
-    shm_left = sorted(p.name for p in Path("/dev/shm").glob(job_segments))
+    shm_left = [path.name for path in map(D.deepspeed_shm_path, range(world)) if path.exists()]
     shm_sum = None
     if os.environ.get("LOCAL_SIZE") == str(world):
         import deepspeed.comm
