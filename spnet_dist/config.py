@@ -733,32 +733,16 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
 
 
 def _check_data_root(cfg: Config) -> None:
-    d, name = cfg.data, "data.root"
-    if d.format == "digits":
-        return  # a cache directory, created on first use
-    if not d.root:
-        raise ConfigError(f"{name}: required for data.format {d.format!r}", name)
-    root = Path(d.root).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"{name}: directory not found: {d.root}", name)
-    if d.format == "imagefolder":
-        missing = [sub for sub in ("train", "val") if not (root / sub).is_dir()]
-        if missing:
-            raise ConfigError(f"{name}: {d.root} has no {' or '.join(s + '/' for s in missing)} folder "
-                              "(imagefolder needs train/ and val/ with one subfolder per class)", name)
-        return
-    # cifar: the python-pickle files, in root itself or in the folder the official tarball extracts
-    # to (the same two layouts spnet_dist.data.cifar.find_cifar accepts).
-    for classes, folder, files in ((10, "cifar-10-batches-py", ("data_batch_1", "test_batch")),
-                                   (100, "cifar-100-python", ("train", "test"))):
-        if any(all((base / f).is_file() for f in files) for base in (root, root / folder)):
-            break
-    else:
-        raise ConfigError(f"{name}: {d.root} holds neither CIFAR-10 (data_batch_1, test_batch) nor "
-                          "CIFAR-100 (train, test) python-pickle files, directly or in "
-                          "cifar-10-batches-py/ / cifar-100-python/", name)
-    if cfg.model.num_classes != classes:
-        raise ConfigError(f"model.num_classes: {d.root} is CIFAR-{classes} but num_classes is "
+    # The readers' own layout rules (spnet_dist.data.check_data_root), so a root that passes here is
+    # one they open; the CIFAR variant found there must match model.num_classes.
+    from .data import check_data_root
+
+    try:
+        classes = check_data_root(cfg.data)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(str(err), "data.root") from None
+    if classes is not None and cfg.model.num_classes != classes:
+        raise ConfigError(f"model.num_classes: {cfg.data.root} is CIFAR-{classes} but num_classes is "
                           f"{cfg.model.num_classes}", "model.num_classes")
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from . import distributed as D
-from .data.build import build_eval_loader
+from .data import build_eval_loader
 from .data.folder import ImageFolderDataset
 from .data.transforms import build_transform
 from .evaluate import evaluate

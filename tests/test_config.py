@@ -339,6 +339,11 @@ def test_data_root_checks(tmp_path: Path):
         load_config(cfg_file, ["data.format=cifar", f"data.root={cifar}"])
     for name in ("data_batch_1", "test_batch"):
         (cifar / name).write_bytes(b"")
+    # The reader's rule: every file of both splits (CIFAR-10 has five training batches).
+    with pytest.raises(ConfigError, match=r"data\.root: CIFAR file missing: .*data_batch_2"):
+        load_config(cfg_file, ["data.format=cifar", f"data.root={cifar}"])
+    for i in range(2, 6):
+        (cifar / f"data_batch_{i}").write_bytes(b"")
     load_config(cfg_file, ["data.format=cifar", f"data.root={cifar}"])
     with pytest.raises(ConfigError, match="model.num_classes: .* is CIFAR-10 but num_classes is 100"):
         load_config(cfg_file, ["data.format=cifar", f"data.root={cifar}", "model.num_classes=100"])

@@ -71,15 +71,31 @@ def find_cifar(root: str | os.PathLike) -> tuple[Path, CifarLayout]:
     if (root / CIFAR100.test_files[0]).is_file() or (root / CIFAR100.train_files[0]).is_file():
         return root, CIFAR100
     raise FileNotFoundError(
-        f"no CIFAR python-pickle data in {root}: expected {CIFAR10.dirname}/ or "
+        f"{root} holds neither CIFAR-10 nor CIFAR-100 python-pickle data: expected {CIFAR10.dirname}/ or "
         f"{CIFAR100.dirname}/ there, or the files data_batch_1..5 + test_batch (CIFAR-10) / "
         f"train + test (CIFAR-100) directly in it (this code never downloads)"
     )
 
 
-def _load_pickle(path: Path) -> dict:
+def check_cifar(root: str | os.PathLike) -> CifarLayout:
+    """:func:`find_cifar`, then every file of both splits present (what training opens).
+
+    Raises:
+        FileNotFoundError: naming ``root`` (no layout recognised) or the first missing file.
+    """
+    directory, layout = find_cifar(root)
+    for name in layout.train_files + layout.test_files:
+        _require_file(directory / name)
+    return layout
+
+
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"CIFAR file missing: {path}")
+
+
+def _load_pickle(path: Path) -> dict:
+    _require_file(path)
     with open(path, "rb") as f:
         # encoding="bytes": the official files were pickled by Python 2; keys come back as bytes.
         return pickle.load(f, encoding="bytes")

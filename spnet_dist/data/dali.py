@@ -5,11 +5,11 @@ Design (the reasons, measured or read in DALI 2.4's source, are in docs/data.md)
 - **Order.** The file reader's own ``shuffle_after_epoch`` seeds its shuffle with a hard-coded
   constant + epoch (``kDaliDataloaderSeed``, file_label_loader.h), so it cannot follow the run
   seed, and its shards differ in size by one, which gives ranks different step counts. Each rank
-  therefore computes its epoch's files in Python, from the very permutation the torchvision
-  backend uses (``DistributedSampler(seed, drop_last=True)``, sharded by the GLOBAL rank), cut to
-  whole batches, and hands them to ``fn.readers.file(files=..., labels=...)``: every rank yields
-  exactly ``len(loader)`` full batches per epoch, and both backends see the same samples in the
-  same order on the same rank.
+  therefore takes its epoch's files from :mod:`spnet_dist.data.sampling`, the order the torchvision
+  backend uses too (``DistributedSampler(seed, drop_last=True)``, sharded by the GLOBAL rank, cut
+  to whole batches), and hands them to ``fn.readers.file(files=..., labels=...)``: every rank
+  yields exactly ``len(loader)`` full batches per epoch, and both backends see the same samples
+  in the same order on the same rank.
 - **Segments.** One DALI pipeline reads one *segment*: the batches of an epoch from a start
   batch to the end. A segment starts at epoch 0 batch 0, at each new epoch, after a resume with a
   different world size, and after a corrupt file was skipped. Its random seed is a hash of
@@ -22,19 +22,17 @@ Design (the reasons, measured or read in DALI 2.4's source, are in docs/data.md)
 from __future__ import annotations
 
 import base64
-import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DistributedSampler
 
-from .protocol import ON_CORRUPT, CorruptImageError
+from .protocol import CorruptImageError
+from .sampling import (ShardedEvalLoader, ShardedTrainLoader, check_on_corrupt, corrupt_image_error, note_skipped,
+                       segment_seed)
 from .transforms import CIFAR_MEAN, CIFAR_STD, HALF, IMAGENET_MEAN, IMAGENET_STD
-
-log = logging.getLogger(__name__)
 
 DALI_DEVICES = ("auto", "gpu", "cpu")
 
@@ -310,27 +308,16 @@ def _to_torch(tensor_list, device: torch.device, channels_last: bool = False) ->
 
 # ----------------------------------------------------------------------------- loaders
 
-def _segment_seed(seed: int, rank: int, epoch: int, start: int) -> int:
-    from .build import mix_seed
-    return mix_seed(seed, rank, epoch, start) & 0x7FFFFFFF
+class _DaliReader:
+    """What both DALI loaders of a rank read with: the samples, the pipeline factory, bad-file handling."""
 
-
-class _DaliBase:
-    """Shared set-up: the sample list, the pipeline factory, corrupt-file bookkeeping."""
-
-    def __init__(self, samples: Sequence[tuple[str, int]], batch_size: int, rank: int, world_size: int,
-                 recipe: DaliRecipe, num_threads: int, dali_device: str, device: Optional[torch.device],
-                 channels_last: bool, on_corrupt: str) -> None:
-        from .build import _check_rank
-
-        _check_rank(rank, world_size)
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        if on_corrupt not in ON_CORRUPT:
-            raise ValueError(f"data.on_corrupt must be 'skip' or 'error', got {on_corrupt!r}")
-        self.samples = list(samples)
-        self.batch_size = int(batch_size)
-        self.rank, self.world_size = int(rank), int(world_size)
+    def __init__(self, samples: Sequence[tuple[str, int]], batch_size: int, rank: int, recipe: DaliRecipe,
+                 num_threads: int, dali_device: str, device: Optional[torch.device], channels_last: bool,
+                 on_corrupt: str) -> None:
+        check_on_corrupt(on_corrupt)
+        self.samples = samples
+        self.batch_size = batch_size
+        self.rank = rank
         self.recipe = recipe
         self.num_threads = num_threads
         self.dali_device = dali_device
@@ -339,41 +326,32 @@ class _DaliBase:
         self.device_id = (device.index or 0) if gpu else None
         self.channels_last = channels_last
         self.on_corrupt = on_corrupt
-        self.skipped: list[str] = []  # undecodable files met by this rank, in order
-        self._segment: Optional[_Segment] = None
 
-    def _start(self, indices: Sequence[int], seed: int, done: int = 0,
-               checkpoint: Optional[bytes] = None) -> _Segment:
+    def start(self, indices: Sequence[int], seed: int, done: int = 0,
+              checkpoint: Optional[bytes] = None) -> _Segment:
+        """A segment reading ``indices`` (``done`` batches already consumed, after a restore)."""
         files = [self.samples[i][0] for i in indices]
         labels = [self.samples[i][1] for i in indices]
         pipeline = build_pipeline(files, labels, self.batch_size, self.recipe, seed, self.num_threads,
                                   self.dali_device, self.device_id, self.channels_last, checkpoint)
         return _Segment(pipeline, files, self.batch_size, done, self.device, self.channels_last)
 
-    def _handle_corrupt(self, err: CorruptImageError) -> None:
-        """Record the undecodable files of a failed batch, or stop (``on_corrupt=error``)."""
+    def handle_corrupt(self, err: CorruptImageError, skipped: list[str]) -> None:
+        """Record the undecodable files of a failed batch in ``skipped``, or stop (``on_corrupt=error``)."""
         bad = find_undecodable(err.paths)
-        if not set(bad) - set(self.skipped):  # not a (new) decoding problem: do not hide it or loop
+        if not set(bad) - set(skipped):  # not a (new) decoding problem: do not hide it or loop
             raise RuntimeError(f"DALI pipeline failed: {err}") from err
         if self.on_corrupt == "error":
-            raise CorruptImageError(
-                f"cannot decode {bad[0]} (data.on_corrupt=error; set data.on_corrupt=skip to skip "
-                f"and count undecodable files)", bad) from err
-        for path in bad:
-            log.warning("rank %d: skipping undecodable image %s", self.rank, path)
-        self.skipped.extend(p for p in bad if p not in self.skipped)
-
-    def _drop_segment(self) -> None:
-        if self._segment is not None:
-            self._segment.close()  # frees the pipeline (and its GPU memory) before a new one is built
-        self._segment = None
+            raise corrupt_image_error(bad) from err
+        note_skipped(bad, skipped, self.rank)
 
 
-class DaliTrainLoader(_DaliBase):
+class DaliTrainLoader(ShardedTrainLoader):
     """Training batches of one rank from a DALI pipeline; implements ``Loader``.
 
-    Same position semantics as :class:`spnet_dist.data.build.TrainLoader` (``epoch``,
-    ``batches_seen``; breaking out keeps the position) and the same samples per rank and epoch.
+    Same order, shards and position semantics as the torchvision
+    :class:`~spnet_dist.data.torchvision_loader.TrainLoader` (both are
+    :class:`~spnet_dist.data.sampling.ShardedTrainLoader`): the same samples per rank and epoch.
     Every batch is full; all ranks yield ``len(self)`` batches per epoch.
 
     Args:
@@ -394,42 +372,16 @@ class DaliTrainLoader(_DaliBase):
                  world_size: int = 1, seed: int = 0, recipe: Optional[DaliRecipe] = None,
                  num_threads: int = 2, dali_device: str = "cpu", device: Optional[torch.device] = None,
                  channels_last: bool = False, on_corrupt: str = "error") -> None:
-        super().__init__(samples, micro_batch_size, rank, world_size,
-                         recipe or DaliRecipe("imagenet", 224, True), num_threads, dali_device, device,
-                         channels_last, on_corrupt)
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0, got {seed}")
-        self.seed = int(seed)
-        self.epoch = 0
-        self.batches_seen = 0
+        self.samples = list(samples)
+        super().__init__(len(self.samples), micro_batch_size, rank, world_size, seed)
+        self._reader = _DaliReader(self.samples, self.batch_size, self.rank, recipe or DaliRecipe("imagenet", 224, True),
+                                   num_threads, dali_device, device, channels_last, on_corrupt)
+        self._segment: Optional[_Segment] = None
         self._segment_start = 0  # batch of the epoch at which the running pipeline started
-        # The torchvision backend's sampler, used only for its permutation: same order, same shards.
-        self._shard = DistributedSampler(range(len(self.samples)), num_replicas=world_size, rank=rank,
-                                         shuffle=True, seed=self.seed, drop_last=True)
-        if len(self._shard) < self.batch_size:
-            raise ValueError(
-                f"train set too small: {len(self.samples)} samples over {world_size} rank(s) gives "
-                f"{len(self._shard)} per rank, fewer than micro_batch_size={micro_batch_size}")
 
-    def __len__(self) -> int:
-        return len(self._shard) // self.batch_size
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's sample indices of ``epoch``: whole batches, skipped files replaced.
-
-        A skipped file is replaced by the next spare of this rank's share (the samples beyond
-        the last whole batch first, then the share from its start), so batches stay full and
-        every rank keeps the same number of steps.
-        """
-        self._shard.set_epoch(epoch)
-        share = list(self._shard)
-        used = share[:len(self) * self.batch_size]
-        if not self.skipped:
-            return used
-        bad = set(self.skipped)
-        paths = [self.samples[i][0] for i in range(len(self.samples))]
-        spares = iter([i for i in share[len(used):] + share if paths[i] not in bad])
-        return [i if paths[i] not in bad else next(spares, i) for i in used]
+    def _bad_indices(self) -> set[int]:
+        skipped = set(self.skipped)
+        return {i for i, (path, _) in enumerate(self.samples) if path in skipped} if skipped else set()
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = self.epoch
@@ -440,35 +392,31 @@ class DaliTrainLoader(_DaliBase):
                 batch = self._segment.next_batch()
             except CorruptImageError as err:
                 self._drop_segment()  # then restart this epoch at this batch without the bad files
-                self._handle_corrupt(err)
+                self._reader.handle_corrupt(err, self.skipped)
                 continue
             self.batches_seen += 1
             yield batch
-        if self.epoch == epoch:  # not moved by set_epoch/load_state_dict during iteration
-            self._drop_segment()
-            self.epoch, self.batches_seen = epoch + 1, 0
+        self.finish_epoch(epoch)
 
     def _begin_segment(self, start: int, checkpoint: Optional[bytes] = None, done: int = 0) -> None:
-        indices = self.epoch_indices(self.epoch)[start * self.batch_size:]
+        indices = self.epoch_indices(self.epoch, self._bad_indices())[start * self.batch_size:]
         self._segment_start = start
-        self._segment = self._start(indices, _segment_seed(self.seed, self.rank, self.epoch, start),
-                                    done, checkpoint)
+        self._segment = self._reader.start(indices, segment_seed(self.seed, self.rank, self.epoch, start),
+                                           done, checkpoint)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch of the next ``__iter__``; a new epoch starts at its first batch."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if epoch != self.epoch:
-            self._drop_segment()
-            self.epoch, self.batches_seen = int(epoch), 0
+    def leave_epoch(self) -> None:
+        self._drop_segment()
+
+    def _drop_segment(self) -> None:
+        if self._segment is not None:
+            self._segment.close()  # frees the pipeline (and its GPU memory) before a new one is built
+        self._segment = None
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: the torchvision keys + the pipeline checkpoint (base64)."""
         running = self._segment is not None and self.batches_seen > self._segment_start
-        from .build import position_state
-
         return {
-            **position_state(self, len(self.samples)),
+            **super().state_dict(),
             "backend": "dali",
             "segment_start": self._segment_start if running else self.batches_seen,
             "pipeline": base64.b64encode(self._segment.checkpoint()).decode("ascii") if running else None,
@@ -480,45 +428,24 @@ class DaliTrainLoader(_DaliBase):
         Same geometry (world size, micro-batch, data set size): the pipeline is rebuilt as it was
         and restored from its checkpoint, so images (crop windows, flips) and labels continue
         bit for bit. Otherwise (e.g. a requeue onto fewer nodes, or a state saved by the
-        torchvision backend) the current epoch's order is regenerated for the new geometry from
-        the seed, the samples all ranks already consumed are skipped (rounded down to whole
-        batches), and a log line says so.
+        torchvision backend) the position is converted as
+        :meth:`~spnet_dist.data.sampling.ShardedTrainLoader.restore_position` says.
         """
-        missing = {"epoch", "batches_seen", "seed"} - set(state)
-        if missing:
-            raise ValueError(f"train loader state lacks {sorted(missing)}: got {sorted(state)}")
         self._drop_segment()
-        self.seed = int(state["seed"])
-        self._shard.seed = self.seed
-        self.epoch = int(state["epoch"])
-        self.skipped = list(state.get("skipped", []))
-        seen = int(state["batches_seen"])
-        geometry = (int(state.get("world_size", self.world_size)), int(state.get("micro_batch_size", self.batch_size)),
-                    int(state.get("dataset_size", len(self.samples))))
-        same = geometry == (self.world_size, self.batch_size, len(self.samples))
+        same = self.restore_position(state)
         if same and state.get("pipeline"):
-            self.batches_seen = seen
             start = int(state["segment_start"])
-            self._begin_segment(start, base64.b64decode(state["pipeline"]), done=seen - start)
-            return
-        if not same:
-            old_world, old_batch, old_size = geometry
-            seen = seen * old_batch * old_world // (self.batch_size * self.world_size)
-            log.warning(
-                "data: world size / micro-batch / data set changed since the checkpoint "
-                "(%d x %d over %d images -> %d x %d over %d): epoch %d's order is regenerated from "
-                "seed %d for the new sharding, continuing after the %d batches per rank already consumed",
-                old_world, old_batch, old_size, self.world_size, self.batch_size, len(self.samples),
-                self.epoch, self.seed, seen)
-        self.batches_seen = min(seen, len(self))
+            self._begin_segment(start, base64.b64decode(state["pipeline"]), done=self.batches_seen - start)
 
 
-class DaliEvalLoader(_DaliBase):
+class DaliEvalLoader(ShardedEvalLoader):
     """This rank's strided, unpadded share of an evaluation set (``range(rank, N, world)``).
 
-    The same images per rank as :class:`spnet_dist.data.build.EvalLoader`; the last batch may be
-    smaller (DALI pads it with the last file; the padding is removed here). With
-    ``on_corrupt=skip`` an undecodable image is left out and counted in ``skipped``.
+    The same images per rank as the torchvision
+    :class:`~spnet_dist.data.torchvision_loader.EvalLoader` (both are
+    :class:`~spnet_dist.data.sampling.ShardedEvalLoader`); the last batch may be smaller (DALI
+    pads it with the last file; the padding is removed here). With ``on_corrupt=skip`` an
+    undecodable image is left out and counted in ``skipped``.
 
     Args: see :class:`DaliTrainLoader` (``recipe.train`` is False).
     """
@@ -527,14 +454,10 @@ class DaliEvalLoader(_DaliBase):
                  recipe: Optional[DaliRecipe] = None, num_threads: int = 2, dali_device: str = "cpu",
                  device: Optional[torch.device] = None, channels_last: bool = False,
                  on_corrupt: str = "error") -> None:
-        super().__init__(samples, batch_size, rank, world_size, recipe or DaliRecipe("imagenet", 224, False),
-                         num_threads, dali_device, device, channels_last, on_corrupt)
-        self.indices = range(self.rank, len(self.samples), self.world_size)
-        self.dataset_size = len(self.samples)
-        self.num_samples = len(self.indices)
-
-    def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        self.samples = list(samples)
+        super().__init__(len(self.samples), batch_size, rank, world_size)
+        self._reader = _DaliReader(self.samples, self.batch_size, self.rank, recipe or DaliRecipe("imagenet", 224, False),
+                                   num_threads, dali_device, device, channels_last, on_corrupt)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         position = 0  # samples of this rank's share already yielded (skipped ones excluded)
@@ -543,7 +466,7 @@ class DaliEvalLoader(_DaliBase):
             todo = [i for i in self.indices if self.samples[i][0] not in bad][position:]
             if not todo:
                 return
-            segment = self._start(todo, seed=0)
+            segment = self._reader.start(todo, seed=0)
             try:
                 while True:
                     try:
@@ -553,16 +476,6 @@ class DaliEvalLoader(_DaliBase):
                     position += len(labels)
                     yield images, labels
             except CorruptImageError as err:
-                self._handle_corrupt(err)  # then rebuild from `position` without the bad files
+                self._reader.handle_corrupt(err, self.skipped)  # then rebuild from `position` without the bad files
             finally:
                 segment.close()
-
-    def set_epoch(self, epoch: int) -> None:
-        """No-op: the evaluation order never changes."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """Empty: an evaluation pass is never resumed mid-way."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Accepts the (empty) state of :meth:`state_dict`."""

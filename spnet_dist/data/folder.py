@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 from torchvision.datasets import ImageFolder
 
 LISTING_VERSION = 1
+SPLITS = ("train", "val")
 
 
 class ImageFolderDataset(ImageFolder):
@@ -48,6 +49,20 @@ class ImageFolderDataset(ImageFolder):
         return classes, {name: i for i, name in enumerate(classes)}
 
 
+def split_directory(root: str | os.PathLike, split: str) -> Path:
+    """``root/split``, which must be a directory (the layout rule ``spnet_dist.data.check_data_root`` shares).
+
+    Raises:
+        FileNotFoundError: one line naming the missing directory.
+    """
+    root = Path(root).expanduser()
+    directory = root / split
+    if not directory.is_dir():
+        raise FileNotFoundError(f"ImageFolder split directory not found: {directory} ({root} has no {split}/ folder; "
+                                f"imagefolder needs {root}/{{{','.join(SPLITS)}}}/<class>/<image>)")
+    return directory
+
+
 def load_split(root: str | os.PathLike, split: str,
                transform: Optional[Callable] = None,
                listing: Optional[dict[str, Any]] = None) -> ImageFolderDataset:
@@ -63,12 +78,7 @@ def load_split(root: str | os.PathLike, split: str,
         FileNotFoundError: the split directory does not exist, has no class folders, or a class
             folder holds no image.
     """
-    directory = Path(root).expanduser() / split
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"ImageFolder split directory not found: {directory} "
-            f"(expected {Path(root).expanduser()}/{{train,val}}/<class>/<image>)"
-        )
+    directory = split_directory(root, split)
     try:
         return ImageFolderDataset(str(directory), transform=transform, listing=listing)
     except FileNotFoundError as e:

@@ -1,7 +1,7 @@
 """The data-loader interface the trainer relies on.
 
 The trainer never touches a ``torch.utils.data.DataLoader`` (or a DALI pipeline) directly: it
-talks to a ``Loader``. The torchvision loaders in :mod:`spnet_dist.data.build` and the DALI
+talks to a ``Loader``. The torchvision loaders in :mod:`spnet_dist.data.torchvision_loader` and the DALI
 loaders in :mod:`spnet_dist.data.dali` (GPU ``mixed`` decode and its CPU twin) implement the same
 five methods, so swapping the backend changes no trainer code and no checkpoint format.
 """

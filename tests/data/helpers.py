@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pickle
+import types
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,36 @@ class IndexDataset(Dataset):
     def __getitem__(self, i: int):
         return torch.full((3, 4, 4), float(i)) + torch.rand(3, 4, 4), i
 
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def take(loader, n):
+    """The next n batches of a loader (crossing into the next epoch when one ends)."""
+    out = []
+    while len(out) < n:
+        out.extend(islice(iter(loader), n - len(out)))
+    return out
+
+
+def labels_of(batches):
+    return [b[1].tolist() for b in batches]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+
+
+def imagefolder_cfg(root, **kw):
+    """The fields of ``DataConfig`` that ``build_datasets`` reads."""
+    return types.SimpleNamespace(**{"format": "imagefolder", "root": str(root), "image_size": 16,
+                                    "augment": "auto", **kw})
+
+
+def data_cfg(root, **kw):
+    """The fields of ``DataConfig`` that ``build_loaders`` reads (DALI on the CPU by default)."""
+    return imagefolder_cfg(root, **{"num_workers": 1, "eval_batch_size": 4, "backend": "dali",
+                                    "dali_device": "cpu", "on_corrupt": "error", **kw})

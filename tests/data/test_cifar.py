@@ -1,10 +1,7 @@
-import types
-
 import numpy as np
 import pytest
-import torch
 
-from spnet_dist.data.build import build_datasets, num_classes_of
+from spnet_dist.data import num_classes_of
 from spnet_dist.data.cifar import CifarDataset, find_cifar
 
 from .helpers import make_cifar10, make_cifar100, write_pickle
@@ -64,15 +61,3 @@ def test_malformed_pickle(tmp_path):
     write_pickle(tmp_path / "test_batch", {b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
     with pytest.raises(ValueError, match=r"test_batch.*\(N, 3072\)"):
         CifarDataset(tmp_path, train=False)
-
-
-def test_build_datasets_cifar(tmp_path):
-    make_cifar10(tmp_path)
-    cfg = types.SimpleNamespace(format="cifar", root=str(tmp_path), image_size=32, augment="auto")
-    train, val = build_datasets(cfg)
-    image, label = train[0]
-    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and isinstance(label, int)
-    assert num_classes_of(train) == num_classes_of(val) == 10
-    # eval transform of the cifar recipe: no crop, just CIFAR mean/std normalisation
-    val_image, _ = val[0]
-    assert val_image[0].unique().numel() == 1  # constant red plane stays constant

@@ -1,47 +1,22 @@
 """The DALI loaders (CPU twin of the GPU pipeline) against the Loader contract and the torchvision backend."""
-import gc
 import json
 import logging
-import types
-from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
 
 from spnet_dist.data import CorruptImageError, Loader, build_loaders
-from spnet_dist.data.build import TrainLoader
 from spnet_dist.data.dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, resolve_dali_device
 from spnet_dist.data.fake import make_fake_imagenet
+from spnet_dist.data.torchvision_loader import TrainLoader
 
-from .helpers import IndexDataset
+from .helpers import IndexDataset, assert_same_batches, data_cfg, take
 
 pytest.importorskip("nvidia.dali")
+pytestmark = pytest.mark.usefixtures("no_dali_threads_left")
 
 RECIPE = DaliRecipe("imagenet", 16, True)
-
-
-@pytest.fixture(autouse=True)
-def no_dali_threads_left():
-    """Loaders dropped mid-epoch keep a pipeline until collected: collect them, so no later
-    test forks DataLoader workers while DALI threads hold locks."""
-    yield
-    gc.collect()
-
-
-def take(loader, n):
-    """The next n batches (crossing into the next epoch when one ends)."""
-    out = []
-    while len(out) < n:
-        out.extend(islice(iter(loader), n - len(out)))
-    return out
-
-
-def assert_same_batches(a, b):
-    assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(ya, yb)
-        assert torch.equal(xa, xb)
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +26,6 @@ def indexed_files(tmp_path_factory):
                               long_side_range=(40, 64))
     files = sorted((root / "train").glob("*/*.JPEG"))
     return [(str(p), i) for i, p in enumerate(files)]
-
-
-def data_cfg(root, **kw):
-    return types.SimpleNamespace(**{"format": "imagefolder", "root": str(root), "image_size": 16,
-                                    "augment": "auto", "num_workers": 1, "eval_batch_size": 4,
-                                    "backend": "dali", "dali_device": "cpu", "on_corrupt": "error", **kw})
 
 
 # ----------------------------------------------------------------------------- order and shards
@@ -135,7 +104,7 @@ def test_world_size_change_restarts_the_epoch_order_deterministically(indexed_fi
     runs = []
     for _ in range(2):
         one = DaliTrainLoader(indexed_files[:24], 4, 0, 1, seed=2, recipe=RECIPE, num_threads=1)
-        with caplog.at_level(logging.WARNING, logger="spnet_dist.data.dali"):
+        with caplog.at_level(logging.WARNING, logger="spnet_dist.data.sampling"):
             one.load_state_dict(state)
         assert "order is regenerated" in caplog.text
         assert one.batches_seen == 2  # 8 samples = 2 batches of 4 on one rank
@@ -226,49 +195,7 @@ def test_corrupt_validation_image_is_left_out_once(tmp_path, backend):
     assert val.skipped == [str(bad)]
 
 
-@pytest.mark.parametrize("backend", ["dali", "torchvision"])
-def test_bad_layouts_are_one_line_errors_before_training(tmp_path, backend):
-    root = make_fake_imagenet(tmp_path / "d", classes=2, per_class=1, long_side_range=(40, 64))
-    (root / "train" / "n00000009").mkdir()  # empty class folder
-    with pytest.raises(FileNotFoundError, match="n00000009") as err:
-        build_loaders(data_cfg(root, backend=backend), 1)
-    assert "\n" not in str(err.value)
-    (root / "train" / "n00000009").rmdir()
-    (root / "val" / "n00000000").rename(root / "val" / "n00000005")  # val classes differ
-    with pytest.raises(ValueError, match="class folders differ") as err:
-        build_loaders(data_cfg(root, backend=backend), 1)
-    assert "\n" not in str(err.value)
-
-
 # ----------------------------------------------------------------------------- rank 0 scans
-
-def test_only_rank_0_scans_the_others_read_its_file_list(tmp_path, monkeypatch):
-    from torchvision.datasets import DatasetFolder
-
-    root = make_fake_imagenet(tmp_path / "d", classes=3, per_class=4, long_side_range=(40, 64))
-    listing = tmp_path / "run" / "data_files.json"
-    rank0_train, _ = build_loaders(data_cfg(root), 2, rank=0, world_size=2, listing_path=listing)
-    assert listing.is_file()
-    scans = []
-    real = DatasetFolder.make_dataset
-    monkeypatch.setattr(DatasetFolder, "make_dataset", staticmethod(lambda *a, **k: scans.append(a) or real(*a, **k)))
-    (root / "train" / "n00000000" / "late.JPEG").write_bytes((root / "val" / "n00000000").glob("*").__next__().read_bytes())
-    for backend in ("dali", "torchvision"):
-        train, val = build_loaders(data_cfg(root, backend=backend), 2, rank=1, world_size=2, listing_path=listing)
-        assert scans == []  # no directory listing on rank 1
-        n = len(train.samples) if backend == "dali" else len(train.dataset)
-        assert n == 12  # rank 0's list, not the folder as it is now (13 files)
-
-
-def test_rank_0_scan_error_reaches_every_rank(tmp_path):
-    root = make_fake_imagenet(tmp_path / "d", classes=2, per_class=1, long_side_range=(40, 64))
-    (root / "val" / "n00000001").rename(root / "val" / "n00000007")
-    listing = tmp_path / "run" / "data_files.json"
-    with pytest.raises(ValueError, match="class folders differ"):
-        build_loaders(data_cfg(root), 1, rank=0, world_size=2, listing_path=listing)
-    with pytest.raises(ValueError, match="class folders differ"):  # rank 1 reads the saved error
-        build_loaders(data_cfg(root), 1, rank=1, world_size=2, listing_path=listing)
-
 
 # ----------------------------------------------------------------------------- devices
 
@@ -280,16 +207,6 @@ def test_dali_device_resolution():
         resolve_dali_device("gpu", torch.device("cpu"))
     with pytest.raises(ValueError, match="data.dali_device"):
         resolve_dali_device("tpu", None)
-
-
-def test_backend_choice(tmp_path):
-    from spnet_dist.data import resolve_data_backend
-
-    assert resolve_data_backend("auto", "imagefolder") == "dali"
-    assert resolve_data_backend("auto", "digits") == "torchvision"
-    assert resolve_data_backend("auto", "cifar") == "torchvision"
-    with pytest.raises(ValueError, match="data.backend"):
-        resolve_data_backend("dali", "cifar")
 
 
 # ----------------------------------------------------------------------------- the public CLI

@@ -22,7 +22,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
 from spnet_dist import distributed as D  # noqa: E402
-from spnet_dist.data import build as data_build  # noqa: E402
+from spnet_dist.data import loaders as data_build  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
 from spnet_dist.train import Trainer  # noqa: E402
 

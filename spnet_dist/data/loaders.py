@@ -1,0 +1,119 @@
+"""The one call the trainer makes: this rank's ``(train_loader, val_loader)`` from the data config.
+
+Picks the backend (:func:`resolve_data_backend`), lets rank 0 alone prepare and scan the data
+(the other ranks read its file list), builds the data sets and hands them to the torchvision
+loaders (:mod:`~spnet_dist.data.torchvision_loader`) or the DALI loaders
+(:mod:`~spnet_dist.data.dali`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .. import distributed as D
+from .dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, dali_available, resolve_dali_device
+from .datasets import JPEG_FOLDERS, build_datasets, prepared_root
+from .folder import build_imagefolder, listing_of, read_listing, save_listing
+from .protocol import Loader
+from .torchvision_loader import build_eval_loader, build_train_loader
+from .transforms import resolve_augment
+
+BACKENDS = ("auto", "torchvision", "dali")
+
+
+def resolve_data_backend(backend: str, data_format: str) -> str:
+    """``data.backend`` -> ``"torchvision"`` or ``"dali"``.
+
+    ``auto`` picks DALI for ``imagefolder`` (ImageNet-sized JPEGs, where decoding is the
+    bottleneck) when it is installed, torchvision otherwise. ``digits`` is a JPEG folder too and
+    runs on DALI when asked (``data.backend=dali``), but its 1,797 16-px images cost nothing to
+    decode, so ``auto`` keeps the demo on torchvision. ``cifar`` always stays on torchvision: its
+    images are raw uint8 arrays already in memory, so there is no JPEG to decode, which is where
+    DALI's gain lies; feeding them through ``external_source`` would add a Python copy per batch
+    and buy nothing.
+
+    Raises:
+        ValueError: naming ``data.backend`` (unknown value, DALI for cifar, DALI not installed).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"data.backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        return "dali" if data_format == "imagefolder" and dali_available() else "torchvision"
+    if backend == "dali":
+        if data_format not in JPEG_FOLDERS:
+            raise ValueError(f"data.backend: 'dali' reads JPEG folders (imagefolder, digits); "
+                             f"data.format={data_format!r} uses 'torchvision' (or 'auto')")
+        if not dali_available():
+            raise ValueError("data.backend: 'dali' but nvidia.dali is not installed "
+                             "(pip install nvidia-dali-cuda130); use 'torchvision' or 'auto'")
+    return backend
+
+
+def _shared_listing(data_cfg: Any, rank: int, listing_path: Optional[Path]) -> Optional[dict[str, Any]]:
+    """Rank 0 scans the JPEG folders and saves the file list; the other ranks read it.
+
+    Listing ImageNet's 1.28M files on a network file system costs minutes per rank; reading one
+    JSON file costs a second. A scan error (missing split, empty class folder, train/val class
+    mismatch) is saved instead of the list, so every rank raises the same one-line error rather
+    than waiting at the barrier. Without ``listing_path`` every rank scans for itself.
+    """
+    if data_cfg.format not in JPEG_FOLDERS or listing_path is None:
+        return None
+    error: Optional[Exception] = None
+    if rank == 0:  # the digits cache is built on first use: by rank 0 only
+        try:
+            train, val = build_imagefolder(prepared_root(data_cfg))
+            save_listing(listing_of(train, val), listing_path)
+        except (FileNotFoundError, ValueError) as err:
+            error = err
+            save_listing({"error": str(err), "type": type(err).__name__}, listing_path)
+    D.barrier()
+    if error is not None:
+        raise error
+    return read_listing(listing_path, prepared_root(data_cfg))  # other ranks: the finished cache, at once
+
+
+def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                  device: Optional[torch.device] = None, channels_last: bool = False,
+                  listing_path: Optional[str | os.PathLike] = None) -> tuple[Loader, Loader]:
+    """Build this rank's ``(train_loader, val_loader)`` with the configured backend.
+
+    The one call the trainer makes. Rank 0 prepares the data (the digits cache) and scans the
+    folders; the other ranks wait at a barrier and read its saved file list (``listing_path``),
+    so a bad layout stops every rank with the same one-line error before training.
+
+    Args:
+        data_cfg: ``spnet_dist.config.DataConfig`` (format, root, image_size, augment,
+            num_workers, eval_batch_size, backend, dali_device, on_corrupt).
+        micro_batch_size: training samples per batch on this rank.
+        rank: GLOBAL rank (shards must differ across nodes).
+        world_size: data-parallel ranks.
+        seed: run seed (order and augmentation).
+        device: this rank's compute device; ``cuda:i`` lets ``dali_device=auto`` decode on GPU i.
+        channels_last: DALI GPU batches in channels-last memory (``engine.channels_last``).
+        listing_path: where rank 0 saves the file list (the run directory); None = every rank scans.
+    """
+    backend = resolve_data_backend(getattr(data_cfg, "backend", "torchvision"), data_cfg.format)
+    on_corrupt = getattr(data_cfg, "on_corrupt", "error")
+    listing = _shared_listing(data_cfg, rank, Path(listing_path) if listing_path is not None else None)
+    train_set, val_set = build_datasets(data_cfg, listing)
+    if backend == "torchvision":
+        return (build_train_loader(train_set, micro_batch_size, rank, world_size, seed,
+                                   data_cfg.num_workers, on_corrupt),
+                build_eval_loader(val_set, data_cfg.eval_batch_size, rank, world_size,
+                                  data_cfg.num_workers, on_corrupt))
+
+    dali_device = resolve_dali_device(getattr(data_cfg, "dali_device", "auto"), device)
+    recipe = resolve_augment(data_cfg.augment, data_cfg.format)
+    common = dict(num_threads=max(1, data_cfg.num_workers), dali_device=dali_device, device=device,
+                  channels_last=channels_last, on_corrupt=on_corrupt)
+    absolute = [(os.path.abspath(path), label) for path, label in train_set.samples]
+    train = DaliTrainLoader(absolute, micro_batch_size, rank, world_size, seed,
+                            DaliRecipe(recipe, data_cfg.image_size, True), **common)
+    absolute = [(os.path.abspath(path), label) for path, label in val_set.samples]
+    val = DaliEvalLoader(absolute, data_cfg.eval_batch_size, rank, world_size,
+                         DaliRecipe(recipe, data_cfg.image_size, False), **common)
+    return train, val
