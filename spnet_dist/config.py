@@ -149,18 +149,32 @@ class LossConfig:
 class DataConfig:
     format: str = _help(
         "'imagefolder' (train/ and val/ class folders of JPEGs) | 'cifar' (python-pickle CIFAR-10/100 "
-        "directory) | 'digits' (scikit-learn digits converted to JPEGs on first use)",
-        default="imagefolder")
+        "directory) | 'digits' (scikit-learn digits converted to JPEGs on first use) | 'fashion_mnist' "
+        "(the four official idx .gz files; validation carved from the training set, official test set "
+        "apart)", default="imagefolder")
     root: str = _help(
-        "dataset directory; for 'digits' the cache directory (empty = ~/.cache/spnet_dist/digits)",
+        "dataset directory; for 'digits' the cache directory (empty = ~/.cache/spnet_dist/digits); for "
+        "'fashion_mnist' empty = /usr/share/datasets/fashion-mnist (apt-get install dataset-fashion-mnist)",
         default="")
     image_size: int = _help("training / evaluation input resolution (>= 8)", default=224)
-    augment: str = _help("'auto' (by format) | 'imagenet' | 'cifar' | 'digits' | 'none'", default="auto")
+    augment: str = _help("'auto' (by format) | 'imagenet' | 'cifar' | 'digits' | 'fashion_mnist' | 'none'",
+                         default="auto")
+    val_size: int = _help(
+        "fashion_mnist: training images held out as the validation split (model selection), stratified "
+        "by class with data.split_seed; reported numbers come from the official 10,000-image test set",
+        default=5000)
+    train_subset: int | None = _help(
+        "fashion_mnist: train on this many images of the rest (stratified, data.split_seed; a smaller "
+        "subset is part of a larger one); null = all", default=None)
+    split_seed: int = _help(
+        "fashion_mnist: seed of the validation split and the training subset, independent of run.seed "
+        "(every method and seed selects on the same images)", default=0)
     num_workers: int = _help("data-loading worker processes per rank", default=4)
     eval_batch_size: int = _help("evaluation batch size per rank", default=64)
     backend: str = _help(
         "'auto' (DALI for imagefolder when installed, else torchvision) | 'torchvision' | 'dali' "
-        "(JPEG folders only; cifar stays on torchvision); both apply the same augmentation", default="auto")
+        "(JPEG folders only; cifar and fashion_mnist stay on torchvision); both apply the same augmentation",
+        default="auto")
     dali_device: str = _help(
         "DALI decoding: 'auto' (GPU 'mixed' decode when the rank has a GPU, else CPU) | 'gpu' | 'cpu'",
         default="auto")
@@ -311,8 +325,8 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "loss.cost_reduction": ("sum", "mean"),
     "loss.cost_rate": ("probs", "decisions"),
     "loss.cls_form": ("paper", "code"),
-    "data.format": ("imagefolder", "cifar", "digits"),
-    "data.augment": ("auto", "imagenet", "cifar", "digits", "none"),
+    "data.format": ("imagefolder", "cifar", "digits", "fashion_mnist"),
+    "data.augment": ("auto", "imagenet", "cifar", "digits", "fashion_mnist", "none"),
     "data.backend": ("auto", "torchvision", "dali"),
     "data.dali_device": ("auto", "gpu", "cpu"),
     "data.on_corrupt": ("error", "skip"),
@@ -668,11 +682,16 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     need(d.image_size >= 8, "data.image_size", "must be >= 8")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
-    if d.backend == "dali" and d.format == "cifar":
-        fail("data.backend", "'dali' reads JPEG folders (imagefolder, digits); data.format 'cifar' "
-                             "uses 'torchvision' (or 'auto')")
-    if d.format == "digits" and m.num_classes != 10:
-        fail("model.num_classes", f"the digits data set has 10 classes, got {m.num_classes}")
+    if d.backend == "dali" and d.format in ("cifar", "fashion_mnist"):
+        fail("data.backend", f"'dali' reads JPEG folders (imagefolder, digits); data.format {d.format!r} is "
+                             "held in memory as uint8 arrays (no JPEG to decode): use 'torchvision' (or 'auto')")
+    if d.format in ("digits", "fashion_mnist") and m.num_classes != 10:
+        fail("model.num_classes", f"the {d.format} data set has 10 classes, got {m.num_classes}")
+    need(d.val_size >= 1, "data.val_size", "must be >= 1")
+    need(d.split_seed >= 0, "data.split_seed", "must be >= 0")
+    if d.train_subset is not None:
+        need(d.train_subset >= 1, "data.train_subset", "must be >= 1 (or null: all)")
+        need(d.format == "fashion_mnist", "data.train_subset", "only data.format 'fashion_mnist' has it")
     if check_paths:
         _check_data_root(cfg)
 

@@ -15,7 +15,7 @@ import torch
 
 from .. import distributed as D
 from .dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, dali_available, resolve_dali_device
-from .datasets import JPEG_FOLDERS, build_datasets, prepared_root
+from .datasets import JPEG_FOLDERS, build_datasets, build_test_dataset, prepared_root
 from .folder import build_imagefolder, listing_of, read_listing, save_listing
 from .protocol import Loader
 from .torchvision_loader import build_eval_loader, build_train_loader
@@ -44,8 +44,9 @@ def resolve_data_backend(backend: str, data_format: str) -> str:
         return "dali" if data_format == "imagefolder" and dali_available() else "torchvision"
     if backend == "dali":
         if data_format not in JPEG_FOLDERS:
-            raise ValueError(f"data.backend: 'dali' reads JPEG folders (imagefolder, digits); "
-                             f"data.format={data_format!r} uses 'torchvision' (or 'auto')")
+            raise ValueError(f"data.backend: 'dali' reads JPEG folders (imagefolder, digits); data.format="
+                             f"{data_format!r} is held in memory as uint8 arrays (no JPEG to decode): use "
+                             f"'torchvision' (or 'auto')")
         if not dali_available():
             raise ValueError("data.backend: 'dali' but nvidia.dali is not installed "
                              "(pip install nvidia-dali-cuda130); use 'torchvision' or 'auto'")
@@ -117,3 +118,24 @@ def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_siz
     val = DaliEvalLoader(absolute, data_cfg.eval_batch_size, rank, world_size,
                          DaliRecipe(recipe, data_cfg.image_size, False), **common)
     return train, val
+
+
+def build_test_loader(data_cfg: Any, rank: int = 0, world_size: int = 1) -> Optional[Loader]:
+    """This rank's loader over the held-out test set (:func:`build_test_dataset`), or None.
+
+    For the formats with a test set apart from the validation split (fashion_mnist: the official
+    10,000 images) an evaluation loader like ``build_loaders``' validation loader: torchvision
+    backend, ``data.eval_batch_size`` per batch, ``range(rank, N, world_size)``, every image
+    once. None for the other formats. Evaluate it with the same code as the validation loader.
+
+    Args:
+        data_cfg: ``spnet_dist.config.DataConfig`` (format, root, image_size, augment,
+            eval_batch_size, num_workers, on_corrupt).
+        rank: GLOBAL rank.
+        world_size: data-parallel ranks.
+    """
+    test_set = build_test_dataset(data_cfg)
+    if test_set is None:
+        return None
+    return build_eval_loader(test_set, data_cfg.eval_batch_size, rank, world_size, data_cfg.num_workers,
+                             getattr(data_cfg, "on_corrupt", "error"))

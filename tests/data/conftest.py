@@ -1,5 +1,7 @@
 """Fixtures shared by the data tests."""
 import gc
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,3 +20,21 @@ def no_dali_threads_left():
     test forks DataLoader workers while DALI threads hold locks."""
     yield
     gc.collect()
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist_root() -> Path:
+    """The real Fashion-MNIST files (Debian's dataset-fashion-mnist), installed when missing and possible.
+
+    Skipped, with the reason, only where they can neither be found nor installed (not root, no
+    apt-get); under CI (``CI`` set) that fails the test instead, as for the SLURM tests.
+    """
+    from . import fashion_package
+
+    try:
+        fashion_package.install()
+    except (fashion_package.PackageError, subprocess.CalledProcessError) as err:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the Fashion-MNIST tests, but {err}")
+        pytest.skip(str(err))
+    return fashion_package.ROOT

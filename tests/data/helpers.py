@@ -111,3 +111,48 @@ def data_cfg(root, **kw):
     """The fields of ``DataConfig`` that ``build_loaders`` reads (DALI on the CPU by default)."""
     return imagefolder_cfg(root, **{"num_workers": 1, "eval_batch_size": 4, "backend": "dali",
                                     "dali_device": "cpu", "on_corrupt": "error", **kw})
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST idx files
+
+def idx_bytes(array: np.ndarray, magic=None) -> bytes:
+    """The idx encoding of a uint8 array: magic ``0x000008<ndim>`` (or ``magic``), sizes, data."""
+    array = np.asarray(array, dtype=np.uint8)
+    magic = (0x08 << 8 | array.ndim) if magic is None else magic
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, magic=None) -> Path:
+    """``idx_bytes`` gzip-compressed into ``path`` (what Zalando ships)."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wb") as f:
+        f.write(idx_bytes(array, magic))
+    return path
+
+
+def fashion_images(labels, seed: int = 0) -> np.ndarray:
+    """(N, 28, 28) uint8: pixel (0, 0) holds the label, (0, 1) the image's number, the rest random."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.asarray(labels, dtype=np.uint8)
+    images[:, 0, 1] = np.arange(len(labels)) % 256
+    return images
+
+
+def make_fashion_mnist(root: Path, n_train: int = 40, n_test: int = 10) -> Path:
+    """A tiny Fashion-MNIST directory: the four idx .gz files, labels cycling 0..9."""
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        labels = np.arange(n) % 10
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", fashion_images(labels, seed))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def fashion_cfg(root, **kw):
+    """The fields of ``DataConfig`` that ``build_datasets`` / ``build_test_loader`` read for fashion_mnist."""
+    return types.SimpleNamespace(**{"format": "fashion_mnist", "root": str(root), "image_size": 28, "augment": "auto",
+                                    "val_size": 10, "train_subset": None, "split_seed": 0, "num_workers": 0,
+                                    "eval_batch_size": 4, "backend": "auto", "on_corrupt": "error", **kw})

@@ -1,0 +1,188 @@
+"""spnet_dist.compare against hand computations: curves, paired differences, bootstrap, selection, persistence."""
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from spnet_dist import compare as C
+
+
+def rec(method, target, seed, mac, top1, **kw):
+    """A record whose final and best-val epochs coincide unless ``kw`` says otherwise."""
+    return {"method": method, "target": target, "seed": seed, "final_top1": top1, "final_mac_ratio": mac,
+            "bestval_top1": kw.pop("bestval_top1", top1), "bestval_mac_ratio": kw.pop("bestval_mac_ratio", mac),
+            "besttest_top1": kw.pop("besttest_top1", top1), **kw}
+
+
+# Two methods x 2 seeds x 3 targets; (MAC ratio, top-1) chosen so every number below is by hand.
+HAND = [
+    rec("spnet", 0.3, 0, 0.30, 80.0), rec("spnet", 0.5, 0, 0.50, 84.0), rec("spnet", 0.7, 0, 0.70, 86.0),
+    rec("base", 0.3, 0, 0.35, 82.0), rec("base", 0.5, 0, 0.55, 85.0), rec("base", 0.7, 0, 0.75, 87.0),
+    rec("spnet", 0.3, 1, 0.32, 81.0), rec("spnet", 0.5, 1, 0.52, 85.0), rec("spnet", 0.7, 1, 0.72, 88.0),
+    rec("base", 0.3, 1, 0.30, 80.0), rec("base", 0.5, 1, 0.50, 83.0), rec("base", 0.7, 1, 0.70, 86.0),
+]
+
+
+# ----------------------------------------------------------------------------- (a) curves
+
+def test_interpolation_by_hand():
+    curve = C.seed_curve(HAND, "base", 0)
+    assert curve == [(0.35, 82.0), (0.55, 85.0), (0.75, 87.0)]
+    assert C.interpolate(curve, 0.5) == pytest.approx(82 + 3 * 0.15 / 0.2)   # 84.25
+    assert C.interpolate(curve, 0.7) == pytest.approx(85 + 2 * 0.15 / 0.2)   # 86.5
+    assert C.interpolate(curve, 0.35) == 82.0 and C.interpolate(curve, 0.75) == 87.0  # the ends themselves
+    assert C.interpolate(curve, 0.34) is None and C.interpolate(curve, 0.76) is None  # never extrapolated
+    assert C.interpolate([(0.4, 70.0)], 0.4) == 70.0 and C.interpolate([], 0.4) is None
+
+
+def test_seed_curve_sorts_by_achieved_mac_and_averages_ties():
+    records = [rec("m", 0.3, 0, 0.45, 70.0), rec("m", 0.5, 0, 0.40, 72.0), rec("m", 0.7, 0, 0.45, 80.0)]
+    # t = 0.5 landed below t = 0.3: the curve follows the achieved MAC ratio, not the target
+    assert C.seed_curve(records, "m", 0) == [(0.40, 72.0), (0.45, 75.0)]
+
+
+def test_method_curve_is_the_mean_over_seeds_per_target():
+    points = C.method_curve(HAND, "spnet")
+    assert [p.target for p in points] == [0.3, 0.5, 0.7] and all(p.n == 2 for p in points)
+    mid = points[1]
+    assert mid.mac_ratio == pytest.approx(0.51) and mid.top1 == pytest.approx(84.5)
+    assert mid.top1_sd == pytest.approx(statistics.stdev([84.0, 85.0]))
+    assert mid.mac_ratio_sd == pytest.approx(statistics.stdev([0.50, 0.52]))
+
+
+# ----------------------------------------------------------------------------- (b) paired differences
+
+def test_paired_difference_by_hand():
+    at = {d.mac_ratio: d for d in C.paired_difference(HAND, "spnet", "base", (0.3, 0.5, 0.7))}
+    # seed 0 at 0.5: spnet 84, base 84.25 -> -0.25; seed 1: spnet 81 + 4 * 0.18 / 0.2 = 84.6, base 83 -> +1.6
+    mid = at[0.5]
+    assert mid.seeds == (0, 1) and mid.differences == pytest.approx((-0.25, 1.6))
+    assert mid.mean == pytest.approx(0.675) and mid.message is None
+    assert mid.top1_a == pytest.approx((84 + 84.6) / 2) and mid.top1_b == pytest.approx((84.25 + 83) / 2)
+    # two seeds: the resampled means are -0.25 (p 1/4), 0.675 (1/2), 1.6 (1/4): the 95 % interval is [min, max]
+    assert (mid.low, mid.high) == pytest.approx((-0.25, 1.6))
+    # seed 0 at 0.7: 86 - 86.5 = -0.5; seed 1: 85 + 3 * 0.18 / 0.2 = 87.7, minus 86 = +1.7
+    assert at[0.7].differences == pytest.approx((-0.5, 1.7)) and at[0.7].mean == pytest.approx(0.6)
+    # spnet's seeds cover 0.32-0.70, base's 0.35-0.70: 0.3 lies outside the overlap 0.35-0.70
+    low = at[0.3]
+    assert low.mean is None and low.n == 0 and low.overlap == pytest.approx((0.35, 0.70))
+    assert "outside the overlap" in low.message and "0.350-0.700" in low.message
+
+
+def test_pairing_uses_the_same_seed_only():
+    # seed 2 of spnet alone does not enter: nothing to pair it with
+    extra = HAND + [rec("spnet", t, 2, t, 99.0) for t in (0.3, 0.5, 0.7)]
+    assert C.paired_difference(extra, "spnet", "base", (0.5,))[0].seeds == (0, 1)
+    with pytest.raises(C.CompareError, match="no seed in common"):
+        C.paired_difference([rec("a", 0.5, 0, 0.5, 1.0), rec("b", 0.5, 1, 0.5, 1.0)], "a", "b", (0.5,))
+    with pytest.raises(C.CompareError, match="no records of method 'c'"):
+        C.paired_difference(HAND, "spnet", "c")
+
+
+def test_no_overlap_is_a_clear_message():
+    records = [rec("a", t, 0, x, 70.0) for t, x in ((0.3, 0.2), (0.5, 0.4))] + \
+              [rec("b", t, 0, x, 75.0) for t, x in ((0.3, 0.6), (0.5, 0.8))]
+    for d in C.paired_difference(records, "a", "b", (0.3, 0.5, 0.7)):
+        assert d.mean is None and d.low is None
+        assert d.message.startswith(f"MAC ratio {d.mac_ratio:g} is outside the overlap")
+        assert "a 0.200-0.400, b 0.600-0.800; the overlap is empty" in d.message
+
+
+def test_one_paired_seed_has_a_mean_but_no_interval():
+    one = [r for r in HAND if r["seed"] == 0]
+    d = C.paired_difference(one, "spnet", "base", (0.5,))[0]
+    assert d.mean == pytest.approx(-0.25) and d.low is None and "no interval" in d.message
+
+
+def test_best_val_selection_uses_its_own_points():
+    records = [rec("a", t, s, t, 80.0, bestval_top1=81.0, bestval_mac_ratio=t + 0.01) for t in (0.3, 0.7) for s in (0, 1)]
+    records += [rec("b", t, s, t, 79.0, bestval_top1=79.5) for t in (0.3, 0.7) for s in (0, 1)]
+    final = C.paired_difference(records, "a", "b", (0.5,), "final")[0]
+    best = C.paired_difference(records, "a", "b", (0.5,), "best_val")[0]
+    assert final.mean == pytest.approx(1.0) and best.mean == pytest.approx(1.5)
+    assert best.overlap == pytest.approx((0.31, 0.70))
+
+
+# ----------------------------------------------------------------------------- bootstrap
+
+def test_bootstrap_contains_the_mean_narrows_with_seeds_and_is_seeded():
+    draws = np.random.default_rng(0).normal(size=64)
+    widths = []
+    for n in (4, 16, 64):
+        part = draws[:n]
+        values = (1.0 + 2.0 * (part - part.mean()) / part.std(ddof=1)).tolist()  # mean 1, sd 2 at every n
+        low, high = C.bootstrap_interval(values, resamples=10_000, seed=0)
+        assert low < statistics.fmean(values) < high
+        widths.append(high - low)
+    assert widths[0] > widths[1] > widths[2]
+    # the standard error halves when n quadruples: so does the width, roughly
+    assert 0.3 < widths[2] / widths[1] < 0.7
+    assert C.bootstrap_interval(draws[:8].tolist(), seed=3) == C.bootstrap_interval(draws[:8].tolist(), seed=3)
+    assert C.bootstrap_interval(draws[:8].tolist(), seed=3) != C.bootstrap_interval(draws[:8].tolist(), seed=4)
+    assert C.bootstrap_interval([2.5, 2.5, 2.5]) == (2.5, 2.5)
+
+
+def test_bootstrap_resamples_n_of_n_by_hand():
+    # Two values: a resample of two has mean 0 (p 1/4), 0.5 (p 1/2) or 1 (p 1/4), so the central
+    # 40 % (quantiles 0.3 and 0.7) is the single value 0.5; the 95 % interval is [0, 1].
+    assert C.bootstrap_interval([0.0, 1.0], level=0.4) == (0.5, 0.5)
+    assert C.bootstrap_interval([0.0, 1.0], level=0.95) == (0.0, 1.0)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    values = np.random.default_rng(1).normal(0.0, 1.0, size=200).tolist()
+    low, high = C.bootstrap_interval(values, resamples=20_000, seed=0)
+    half = 1.96 * statistics.stdev(values) / len(values) ** 0.5
+    assert (high - low) / 2 == pytest.approx(half, rel=0.08)
+
+
+# ----------------------------------------------------------------------------- (c) selection
+
+def test_selection_table_side_by_side():
+    records = [rec("a", 0.5, s, 0.5, top1, bestval_top1=top1 + 1, bestval_mac_ratio=0.52, besttest_top1=top1 + 2)
+               for s, top1 in ((0, 80.0), (1, 82.0))]
+    (row,) = C.selection_table(records)
+    assert (row.method, row.target, row.n) == ("a", 0.5, 2)
+    assert (row.final_top1, row.bestval_top1, row.besttest_top1) == pytest.approx((81.0, 82.0, 83.0))
+    assert row.final_top1_sd == pytest.approx(2 ** 0.5) and row.bestval_mac_ratio == pytest.approx(0.52)
+    report = C.markdown_report(HAND + records[:0], "base")
+    assert "best-on-test (optimistic)" in report and "best-validation epoch" in report and "final epoch" in report
+
+
+# ----------------------------------------------------------------------------- (d) persistence
+
+def test_persistence_by_hand():
+    a0 = rec("a", 0.5, 0, 0.5, 80.0, path_flips=[0.1, 0.2], path_flips_chance=[0.2, 0.4])
+    a1 = rec("a", 0.5, 1, 0.5, 80.0, path_flips=[0.3], path_flips_chance=[0.3])
+    a2 = rec("a", 0.7, 0, 0.7, 80.0)  # no path records (yet)
+    assert C.persistence_ratio(a0) == pytest.approx(0.3 / 0.6) and C.persistence_ratio(a1) == pytest.approx(1.0)
+    assert C.persistence_ratio(a2) is None
+    (p,) = C.persistence_by_method([a0, a1, a2])
+    assert p.ratio == pytest.approx((0.3 + 0.3) / (0.6 + 0.3))  # pooled over runs, not the mean of ratios
+    assert p.run_mean == pytest.approx(0.75) and p.missing == 1 and len(p.runs) == 2
+    with pytest.raises(C.CompareError, match="path_flips has 2 values, path_flips_chance 1"):
+        C.as_record(rec("a", 0.5, 0, 0.5, 80.0, path_flips=[0.1, 0.2], path_flips_chance=[0.2]))
+
+
+# ----------------------------------------------------------------------------- records and CLI
+
+def test_record_format_errors_name_the_record():
+    with pytest.raises(C.CompareError, match=r"record 1: missing \['bestval_top1'\]"):
+        bad = dict(HAND[1])
+        del bad["bestval_top1"]
+        C.as_records([HAND[0], bad])
+    with pytest.raises(C.CompareError, match="given twice"):
+        C.as_records([HAND[0], HAND[0]])
+    alias = dict(HAND[0])
+    alias["target_rate"] = alias.pop("target")
+    assert C.as_record(alias).target == 0.3
+
+
+def test_cli_prints_the_report(tmp_path, capsys):
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in HAND) + "\n")
+    assert C.cli([str(path), "--baseline", "base", "--mac-ratios", "0.5", "--resamples", "1000"]) == 0
+    out = capsys.readouterr().out
+    assert "| spnet | 0.5 | final epoch | 2 | +0.67 | 1.31 | [-0.25, +1.60] |" in out  # 0.675 in binary: 0.67499...
+    assert C.cli([str(path), "--baseline", "nobody"]) == 2
