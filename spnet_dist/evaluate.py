@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .execution import set_execution
 from .flops import MacProfile, paper_units
 from .models.resnet import GatedResNet
 
@@ -52,7 +53,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    model.set_execution("skip")
+    set_execution(model, "skip")
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, images
     executed = torch.zeros(model.num_blocks, dtype=torch.int64, device=device)
     try:
@@ -66,7 +67,7 @@ def evaluate(
             if on_batch is not None:
                 on_batch(out)
     finally:
-        model.set_execution("masked")
+        set_execution(model, "masked")
         model.train(was_training)
     _all_reduce_sum_(counts)
     _all_reduce_sum_(executed)

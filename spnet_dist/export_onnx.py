@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .execution import reset_execution
 from .models.resnet import GatedResNet
 
 ONNX_FILE = "model.masked.onnx"
@@ -40,8 +41,7 @@ def export_onnx(model: GatedResNet, path: str | Path, image_size: int) -> Path:
     """
     import copy
 
-    masked = copy.deepcopy(model).eval()
-    masked.set_execution("masked")
+    masked = reset_execution(copy.deepcopy(model).eval())  # the model's own (masked) forward
     example = torch.zeros(2, masked.in_chans, image_size, image_size)
     program = torch.onnx.export(
         MaskedForward(masked).eval(), (example,), dynamo=True, input_names=["images"],

@@ -1,4 +1,4 @@
-"""Open an exported SP-Net (``spnet-export``'s ``model.safetensors`` + ``config.json``).
+"""Open an exported SP-Net (``spnet-export``'s ``model.safetensors`` + ``config.json``); timm registration.
 
 This module needs only torch, safetensors and the model code: it never imports DeepSpeed, and
 loading never unpickles anything (safetensors holds raw tensors, config.json is JSON), so an
@@ -11,25 +11,32 @@ Export layout (``EXPORT_FORMAT``)::
                             --static a torchvision ResNet state dict instead
     OUT/config.json         architecture, classes, preprocessing, measured execution rates
                             and MACs, the run's config, package versions
+
+Importing this module (``import spnet_dist`` does) registers every model with timm, so
+``timm.create_model("spnet_resnet50")`` works as it does for timm's own models. There are no hub
+weights: ``pretrained=True`` loads an ``spnet-export`` file named by
+``pretrained_cfg_overlay=dict(file=".../model.safetensors")`` (its ``config.json`` beside it gives
+the architecture) and is an error without one; torchvision backbone weights go through
+``model.torchvision_weights`` instead.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
+from timm.models import register_model
 from torch import nn
 
-from .models.blocks import check_skip_strategy
+from .execution import (check_execution, check_per_image_stages, check_skip_strategy, optimize_for_inference,
+                        set_execution)
 from .models.factory import MODEL_NAMES, create_model
-from .models.fuse import optimize_for_inference
-from .models.resnet import GatedResNet, check_per_image_stages
+from .models.resnet import GatedResNet
 
 EXPORT_FORMAT = "spnet-dist-export/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-EXECUTION_MODES = ("skip", "masked")
 
 
 class ExportError(ValueError):
@@ -142,8 +149,9 @@ def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], sou
 
     Each block's expected execution rate (the capacity skip strategy's capacity rule) is set
     from the rates measured at the end of training; without them it stays 1.0 (capacity =
-    batch: never overflows, saves nothing). The defaults of the schedule are those of every
-    exported model, ``load_model``'s and timm's ``pretrained=True`` alike.
+    batch: never overflows, saves nothing). The defaults of the execution plan
+    (:func:`spnet_dist.execution.set_execution`) are those of every exported model,
+    ``load_model``'s and timm's ``pretrained=True`` alike.
 
     Args:
         config: the export's ``config.json``.
@@ -160,13 +168,9 @@ def build_exported(config: dict[str, Any], weights: dict[str, torch.Tensor], sou
     model = create_model(name, **kwargs)
     load_state_strict(model, weights, source)
     rates = measured_rates(config, model.num_blocks, Path(source).parent / CONFIG_FILE)
-    if rates is not None:
-        model.set_skip_capacity(rates=rates)
     model.pretrained_cfg = pretrained_cfg(config, source)
-    model.set_execution(execution)
-    model.set_skip_strategy(skip_strategy)
-    model.set_per_image_stages(per_image_stages)
-    return model
+    return set_execution(model, execution, skip_strategy=skip_strategy, per_image_stages=per_image_stages,
+                         capacity_rates=rates)
 
 
 def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
@@ -186,10 +190,10 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
             GPUs prefer NHWC for mixed precision too. Same outputs up to float rounding.
         optimize: fold every BatchNorm into the layer before it, compute strided 1x1
             projections as subsample + convolution and small-batch 1x1 convolutions on oneDNN
-            on the CPU (:mod:`spnet_dist.models.fuse`): same
+            on the CPU (:mod:`spnet_dist.execution.fuse`): same
             function up to float rounding, faster (most at batch 1); such a model cannot be put
             back into training mode. ``False`` gives the network exactly as trained.
-        skip_strategy: how ``"skip"`` runs (:mod:`spnet_dist.models.blocks`): ``"gather"``
+        skip_strategy: how ``"skip"`` runs (:mod:`spnet_dist.execution.blocks`): ``"gather"``
             (exactly the open samples; one host sync per block on CUDA), ``"capacity"`` (a
             fixed number of samples per block from the export's measured execution rates; one
             host sync per forward, recomputed with gather if a block had more open samples) or
@@ -197,18 +201,19 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
             Capacities can be changed with ``model.set_skip_capacity(rates=, margin=, multiple=)``.
         per_image_stages: ``"auto"`` (on the CPU, the stem and the stages with large activations
             run one image at a time: the same outputs, faster at batch > 1; see
-            ``GatedResNet.set_per_image_stages``) or ``"off"``.
+            ``InferenceResNet.count_per_image_stages``) or ``"off"``.
 
     Returns:
-        The :class:`~spnet_dist.models.GatedResNet` in eval mode; for a ``--static`` export
-        the torchvision ResNet it was written for.
+        The :class:`~spnet_dist.models.GatedResNet` in eval mode, run by its execution plan (an
+        :class:`~spnet_dist.execution.InferenceResNet`: ``model.set_execution``,
+        ``set_skip_strategy``, ``set_skip_capacity``, ``set_per_image_stages``); for a
+        ``--static`` export the torchvision ResNet it was written for.
 
     Raises:
         ExportError: a missing or corrupted file, or weights that do not fit the architecture.
     """
-    if execution not in EXECUTION_MODES:
-        raise ValueError(f"execution: must be one of {EXECUTION_MODES}, got {execution!r}")
-    check_skip_strategy(skip_strategy)  # before any file is read
+    check_execution(execution)  # before any file is read
+    check_skip_strategy(skip_strategy)
     check_per_image_stages(per_image_stages)
     path = Path(path)
     config = read_export_config(path)
@@ -230,3 +235,50 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
 def _place(model: nn.Module, device: Union[str, torch.device], channels_last: bool) -> nn.Module:
     model = model.to(device, memory_format=torch.channels_last) if channels_last else model.to(device)
     return model.eval()
+
+
+# ---------------------------------------------------------------- timm registration
+
+# timm passes these to every entrypoint; they mean nothing without hub weights.
+_TIMM_FACTORY_KWARGS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _timm_build(name: str, pretrained: bool, kwargs: dict[str, Any]) -> GatedResNet:
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    for key in _TIMM_FACTORY_KWARGS:
+        kwargs.pop(key, None)
+    if not pretrained:
+        return create_model(name, **kwargs)
+    if not overlay.get("file"):
+        raise ValueError(
+            f"{name}: no hub weights exist for SP-Net models; pass an spnet-export file with "
+            "pretrained_cfg_overlay=dict(file='OUT/model.safetensors'), or build with pretrained=False and "
+            "load torchvision weights with spnet_dist.models.load_torchvision_weights (config: model.torchvision_weights)"
+        )
+    return _from_export(name, overlay["file"], kwargs)
+
+
+def _from_export(name: str, file: str, kwargs: dict[str, Any]) -> GatedResNet:
+    """timm's ``pretrained=True`` path: the export's architecture, its weights and the schedule of
+    every exported model (``build_exported``: skipping execution, ``skip_strategy="auto"``,
+    capacities from the export's measured rates, ``per_image_stages="auto"``)."""
+    config = read_export_config(file)
+    if config.get("static"):
+        raise ExportError(f"{file}: a --static export is a torchvision state dict; load it into torchvision.models")
+    if config["architecture"]["name"] != name:
+        raise ExportError(f"{file}: holds {config['architecture']['name']!r}, not {name!r}")
+    return build_exported(config, read_weights(file), file, **kwargs)
+
+
+def _timm_entrypoint(name: str) -> Callable[..., GatedResNet]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> GatedResNet:
+        return _timm_build(name, pretrained, kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name  # timm registers a model under its function's name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"SP-Net {name} for timm.create_model; see spnet_dist.models.create_model."
+    return entrypoint
+
+
+for _name in MODEL_NAMES:
+    globals()[_name] = register_model(_timm_entrypoint(_name))

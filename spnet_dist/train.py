@@ -33,6 +33,7 @@ from .config import Config, deepspeed_config, micro_batch_size, parse_args, save
 from .data import build_datasets, build_loaders  # build_datasets: re-exported for tests and tools
 from .engine import autocast_context, build_engine, engine_step, is_boundary
 from .evaluate import evaluate
+from .execution import set_execution
 from .flops import profile_macs
 from .losses import SPNetCriterion, needs_aux_heads, needs_block_features
 from .models import create_model, load_torchvision_weights
@@ -153,11 +154,11 @@ class SPNetStep:
             else None
         )
         self.teacher_execution = resolve_teacher_execution(cfg.teacher.execution, device)
-        if self.teacher is not None:
+        if self.teacher is not None and cfg.teacher.forward_mode == "eval":
             # An eval-mode teacher makes hard, deterministic decisions and needs no gradient, so
             # it may really skip its closed blocks (same outputs as the masked path, tested); a
-            # train-mode teacher always runs the masked path like the student.
-            self.teacher.module.set_execution(self.teacher_execution)
+            # train-mode teacher stays the plain model and runs the masked path like the student.
+            set_execution(self.teacher.module, self.teacher_execution)
         if cfg.engine.compile:
             # After the teacher copy: the teacher stays eager (its skip path has data-dependent
             # shapes). DeepSpeed's engine.compile() compiles the module's forward in place.

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from spnet_dist import eval_model, export
 from spnet_dist.config import save_config
+from spnet_dist.execution import execution_plan, set_execution
 from spnet_dist.export import ExportError
 from spnet_dist.inference import load_model
 
@@ -95,7 +96,7 @@ def test_export_holds_no_teacher_heads_or_optimizer_state(zero2_run, zero2_expor
     record = json.loads((zero2_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert config["measured"]["exec_rates"] == record["exec_rates"] and config["measured"]["step"] == 8
     # the capacity skip strategy sizes each block from these rates
-    assert [b.expected_rate for b in load_model(zero2_export).gated_blocks()] == record["exec_rates"]
+    assert list(execution_plan(load_model(zero2_export)).capacity_rates) == record["exec_rates"]
     assert config["classes"] == [str(i) for i in range(10)]
     assert config["run_config"]["engine"]["zero_stage"] == 2 and config["versions"]["torch"]
     # The student's consolidated weights, not the teacher's: they differ after 8 EMA steps.
@@ -188,7 +189,7 @@ def test_zero0_checkpoint_round_trip(tiny_config, own_process_group, tmp_path):
     assert (out / "model.masked.onnx").stat().st_size > 0
     images = torch.stack([trainer.val_loader.dataset[i][0] for i in range(40)])
     trainer.model.eval()
-    trainer.model.set_execution("skip")
+    set_execution(trainer.model, "skip")
     with torch.no_grad():
         expected = trainer.model(images).logits
         got = load_model(out)(images).logits

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from spnet_dist.execution import InferenceResNet, SkippingBlock, execution_plan, set_execution
 from spnet_dist.export_onnx import export_onnx
 from spnet_dist.models import create_model
 
@@ -16,11 +17,13 @@ def test_masked_onnx_matches_the_model_at_any_batch_size(tmp_path):
     model = create_model("spnet_cifar_resnet20", aux_heads=False)
     x = torch.randn(7, 3, 32, 32)
     _mixed_routers(model, x)
-    model.set_execution("skip")
-    model.set_per_image_stages("auto", min_bytes=0)  # as a load_model model with large images: must not unroll
+    # as a load_model model with large images: must not unroll
+    set_execution(model, "skip", per_image_stages="auto", per_image_min_bytes=0)
+    plan = execution_plan(model)
     path = export_onnx(model, tmp_path / "model.masked.onnx", 32)
-    assert all(block.execution == "skip" for block in model.gated_blocks())  # the caller's model untouched
-    assert model.per_image_stages == "auto"
+    # the caller's model untouched
+    assert isinstance(model, InferenceResNet) and all(isinstance(b, SkippingBlock) for b in model.gated_blocks())
+    assert execution_plan(model) == plan and plan.mode == "skip" and plan.per_image_stages == "auto"
     session = ort.InferenceSession(str(path))
     for batch in (x[:1], x):
         logits, decisions = session.run(None, {"images": batch.numpy()})

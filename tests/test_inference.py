@@ -1,4 +1,4 @@
-"""spnet_dist.inference: load_model / timm loading of an export, without DeepSpeed, never unpickling."""
+"""spnet_dist.inference: load_model / timm loading of an export, without DeepSpeed, never unpickling; timm registration."""
 import json
 import subprocess
 import sys
@@ -10,9 +10,10 @@ import torch
 import spnet_dist
 from spnet_dist.config import Config
 from spnet_dist.device_audit import HostSyncCounter
+from spnet_dist.execution import SkippingBlock, execution_plan, set_execution
 from spnet_dist.export import export_module
 from spnet_dist.inference import ExportError, load_model
-from spnet_dist.models import create_model
+from spnet_dist.models import MODEL_NAMES, create_model
 
 from .models.test_resnet import _mixed_routers
 
@@ -32,7 +33,7 @@ def exported(tmp_path_factory):
     x = torch.randn(12, 3, 32, 32)
     _mixed_routers(model, x)
     out = export_module(model, _cfg(), tmp_path_factory.mktemp("exp") / "export")
-    model.set_execution("masked")
+    set_execution(model, "masked")
     with torch.no_grad():
         reference = model(x)
     return out, x, reference
@@ -44,7 +45,7 @@ def test_load_model_gives_the_masked_logits_by_skipping(exported):
     assert (decisions.sum(0) % decisions.shape[0] != 0).any(), "some block must be open for only part of the batch"
     model = load_model(out)
     assert not model.training and model.aux_heads is None and model.block_aligners is None
-    assert all(block.execution == "skip" for block in model.gated_blocks())
+    assert execution_plan(model).mode == "skip" and all(isinstance(b, SkippingBlock) for b in model.gated_blocks())
     with torch.no_grad():
         got = model(x)
     assert torch.equal(got.gate_decisions, decisions)
@@ -60,7 +61,7 @@ def test_timm_pretrained_file_gives_the_same_model(exported):
                               pretrained_cfg_overlay=dict(file=str(out / "model.safetensors"))).eval()
     with torch.no_grad():
         got = model(x)
-    assert all(block.execution == "skip" for block in model.gated_blocks())
+    assert execution_plan(model).mode == "skip" and all(isinstance(b, SkippingBlock) for b in model.gated_blocks())
     assert (got.logits - reference.logits).abs().max().item() < 1e-5
     assert model.pretrained_cfg["input_size"] == (3, 32, 32)
     with pytest.raises(ExportError, match="spnet_cifar_resnet20"):
@@ -143,7 +144,7 @@ def _with_measured_rates(out, tmp_path, rates):
 def test_load_model_sets_capacities_from_the_measured_rates(exported, tmp_path):
     out, x, reference = exported
     plain = load_model(out)
-    assert {b.skip_strategy for b in plain.gated_blocks()} == {"auto"}  # gather on CPU, capacity on CUDA
+    assert execution_plan(plain).skip_strategy == "auto"  # gather on CPU, capacity on CUDA
     assert plain.skip_capacities(32, "cuda") == [32] * plain.num_blocks  # no measurement: rate 1, C = B
     rates = (reference.gate_decisions.mean(0) * 0.5 + 0.25).tolist()  # 9 rates, not the batch's own
     measured = _with_measured_rates(out, tmp_path, rates)
@@ -151,9 +152,10 @@ def test_load_model_sets_capacities_from_the_measured_rates(exported, tmp_path):
                             (timm.create_model("spnet_cifar_resnet20", pretrained=True,
                                                pretrained_cfg_overlay=dict(file=str(measured / "model.safetensors"))),
                              "auto")):
-        assert [b.expected_rate for b in model.gated_blocks()] == rates
-        assert {b.skip_strategy for b in model.gated_blocks()} == {strategy}
-    assert {b.skip_strategy for b in create_model("spnet_cifar_resnet20").gated_blocks()} == {"gather"}
+        assert list(execution_plan(model).capacity_rates) == rates
+        assert execution_plan(model).skip_strategy == strategy
+    # the trainer's models skip by gathering
+    assert execution_plan(set_execution(create_model("spnet_cifar_resnet20"), "skip")).skip_strategy == "gather"
     model = load_model(measured, skip_strategy="capacity")
     model.set_skip_capacity(rates=reference.gate_decisions.mean(0).tolist(), margin=0.5, multiple=1)
     with torch.no_grad(), HostSyncCounter(patch_accelerator=False) as syncs:
@@ -174,10 +176,11 @@ def test_exported_models_run_large_early_stages_per_image_on_the_cpu(exported):
     timm_model = timm.create_model("spnet_cifar_resnet20", pretrained=True,
                                    pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
     for model in (load_model(out), timm_model):
-        assert model.per_image_stages == "auto"
-    assert create_model("spnet_cifar_resnet20").per_image_stages == "off"  # the trainer's models keep whole batches
+        assert execution_plan(model).per_image_stages == "auto"
+    # the trainer's models keep whole batches
+    assert execution_plan(set_execution(create_model("spnet_cifar_resnet20"), "skip")).per_image_stages == "off"
     model = load_model(out, per_image_stages="off")
-    assert model.per_image_stages == "off"
+    assert execution_plan(model).per_image_stages == "off"
     model = load_model(out)
     model.set_per_image_stages("auto", min_bytes=0)  # 32 px CIFAR images are far below 1 MiB: force it
     with torch.no_grad():
@@ -186,3 +189,22 @@ def test_exported_models_run_large_early_stages_per_image_on_the_cpu(exported):
     assert (got.logits - reference.logits).abs().max().item() < 1e-4
     with pytest.raises(ValueError, match="per_image_stages"):
         load_model(out / "nonexistent", per_image_stages="always")  # checked before any file is read
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if "cifar" in n])
+def test_timm_create_model_cifar(name):
+    model = timm.create_model(name, num_classes=100)
+    assert model.fc.out_features == 100
+    depth = int(name.rsplit("resnet", 1)[1])
+    assert model.num_blocks == 3 * (depth - 2) // 6
+
+
+def test_timm_create_model_imagenet():
+    model = timm.create_model("spnet_resnet101")
+    assert model.num_blocks == 33 and model.fc.out_features == 1000
+    assert "spnet_resnet50" in timm.list_models("spnet_*")
+
+
+def test_pretrained_hub_weights_are_refused():
+    with pytest.raises(ValueError, match="torchvision_weights"):
+        timm.create_model("spnet_resnet50", pretrained=True)

@@ -8,6 +8,7 @@ import torch
 from spnet_dist import train
 from spnet_dist.config import load_config
 from spnet_dist.device_audit import DeviceAudit, HostSyncCounter
+from spnet_dist.execution import InferenceResNet, execution_plan, set_execution
 from spnet_dist.train import SPNetStep, build_model, resolve_teacher_execution, seed_everything
 
 from .conftest import REPO_ROOT
@@ -80,18 +81,21 @@ def test_teacher_execution_path_is_a_config_choice():
     images, targets = batch()
     for choice, mode, nonzeros in (("masked", "masked", 0), ("skip", "skip", 9), ("auto", "skip", 9)):
         step = make_step(f"teacher.execution={choice}", "teacher.forward_mode=eval")  # only eval mode skips
-        assert {b.execution for b in step.teacher.module.gated_blocks()} == {mode}
-        assert {b.execution for b in step.model.gated_blocks()} == {"masked"}  # the student never skips
+        assert execution_plan(step.teacher.module).mode == mode
+        assert not isinstance(step.model, InferenceResNet)  # the student never skips: its plain class
         with HostSyncCounter(patch_accelerator=False) as syncs:
             step.teacher(images)
         assert syncs.counts["nonzero"] == nonzeros  # ResNet-20: 9 gated blocks
+    # a train-mode teacher never skips (training mode runs the masked forward): it stays the plain model
+    assert not isinstance(make_step("teacher.execution=skip", "teacher.forward_mode=train").teacher.module,
+                          InferenceResNet)
 
 
 def test_skip_and_masked_teachers_give_the_same_outputs():
     step = make_step("teacher.execution=masked", "teacher.forward_mode=eval")
     images = batch()[0]
     masked = step.teacher(images)
-    step.teacher.module.set_execution("skip")
+    set_execution(step.teacher.module, "skip")
     skipped = step.teacher(images)
     torch.testing.assert_close(skipped.logits, masked.logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(skipped.gate_decisions, masked.gate_decisions)
@@ -181,5 +185,5 @@ def test_masked_training_forward_compiles_as_one_graph():
     model = build_model(load_config(REPO_ROOT / "configs" / "demo.yaml", [], check_paths=False, world_size=1)).train()
     explained = dynamo.explain(model)(torch.randn(4, 3, SIZE, SIZE))
     assert explained.graph_count == 1 and explained.graph_break_count == 0
-    model.eval().set_execution("skip")
+    set_execution(model.eval(), "skip")
     assert dynamo.explain(model)(torch.randn(4, 3, SIZE, SIZE)).graph_break_count >= model.num_blocks

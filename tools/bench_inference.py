@@ -44,11 +44,11 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from spnet_dist import load_model
 from spnet_dist.config import Config
+from spnet_dist.execution import PER_IMAGE_STAGES
 from spnet_dist.export import export_module
 from spnet_dist.flops import profile_macs
 from spnet_dist.models import create_model
 from spnet_dist.models.gates import GateOutput
-from spnet_dist.models.resnet import PER_IMAGE_STAGES
 
 
 def calibrate_routers(model, images: torch.Tensor, rate: float, seed: int = 0) -> None:
@@ -105,9 +105,9 @@ def breakdown(model, batches: list[torch.Tensor]) -> dict[str, float]:
         router = block.router
         originals[router] = router.forward
 
-        def timed(inp, pooled=None, *, _forward=router.forward):
+        def timed(*args, _forward=router.forward):
             with record_function("router"):
-                return _forward(inp, pooled)
+                return _forward(*args)
 
         router.forward = timed
     try:

@@ -38,6 +38,7 @@ from spnet_dist import distributed as D
 from spnet_dist import losses, train
 from spnet_dist.config import load_config
 from spnet_dist.device_audit import HostSyncCounter
+from spnet_dist.execution import set_execution
 from spnet_dist.teacher import EMATeacher
 from spnet_dist.train import SPNetStep, build_model, seed_everything
 
@@ -162,7 +163,7 @@ def bench_case(config: str, size: int, batch: int, precision: str, rounds: int, 
     step = variants["after"].step
     teacher = step.teacher
     with torch.no_grad():
-        teacher.module.set_execution("masked")
+        set_execution(teacher.module, "masked")
         r["teacher_forward"] = interleaved({"masked": lambda: teacher(images)}, rounds, steps)["masked"]
     r["update"] = interleaved({"before": lambda: legacy_teacher_update(teacher, step.model),
                                "after": lambda: teacher.update(step.model)}, rounds, steps)

@@ -1,4 +1,7 @@
-"""SP-Net models: routers, gated blocks, gated ResNets and their factory."""
+"""SP-Net models: routers, gated blocks, gated ResNets and their factory: the masked forward only.
+
+``spnet_dist.execution`` applies the inference-only forms to these models from outside.
+"""
 from .factory import MODEL_NAMES, create_model
 from .gates import GateOutput, Router
 from .output import SPNetOutput

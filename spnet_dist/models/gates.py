@@ -39,36 +39,11 @@ class GateOutput:
         prob: (B,) execution probability softmax(logits)[:, 1], no noise, differentiable.
         decision: (B,) the factor the residual branch is multiplied by: exactly 0 or 1 in the
             forward pass; in training it carries the straight-through gradient.
-        overflow: set by a block running the capacity skip strategy with fewer slots than the
-            batch: a 0-dim bool on the device, True when more samples were open than the
-            block's capacity (its output is then inexact and the network recomputes the
-            forward); None otherwise.
-        pooled: (B, C) the global pool of the block input the router looked at, fp32 (the
-            skipping path passes it on for samples a block leaves unchanged).
     """
 
     logits: Tensor
     prob: Tensor
     decision: Tensor
-    overflow: Optional[Tensor] = None
-    pooled: Optional[Tensor] = None
-
-    @classmethod
-    def cat(cls, parts: Sequence["GateOutput"]) -> "GateOutput":
-        """One router's verdicts on consecutive parts of a batch, as one verdict on the batch."""
-        return cls(
-            logits=torch.cat([p.logits for p in parts]),
-            prob=torch.cat([p.prob for p in parts]),
-            decision=torch.cat([p.decision for p in parts]),
-            overflow=any_overflow(parts),
-        )  # no pooled: nothing reads a block input's pool after its block ran
-
-
-def any_overflow(gates: Sequence[GateOutput]) -> Optional[Tensor]:
-    """The OR of the gates' capacity overflow flags, a 0-dim device bool (never read here); None
-    when no gate has one (no block ran with fewer slots than its batch)."""
-    flags = [g.overflow for g in gates if g.overflow is not None]
-    return torch.stack(flags).any() if flags else None
 
 
 def global_pool(x: Tensor) -> Tensor:
@@ -77,7 +52,7 @@ def global_pool(x: Tensor) -> Tensor:
 
 
 class Router(nn.Module):
-    """Per-block execution router (design.md §3).
+    """Per-block execution router (SP-Net (ECCV 2022) §3.1).
 
     Args:
         in_channels: channels of the block input it looks at.
@@ -116,20 +91,16 @@ class Router(nn.Module):
         # measurement, the "all blocks open == static ResNet" check).
         self.force: Optional[bool] = None
 
-    def forward(self, x: Tensor, pooled: Optional[Tensor] = None) -> GateOutput:
-        """The verdict on block input ``x`` (B, C, H, W).
+    def forward(self, x: Tensor) -> GateOutput:
+        """The verdict on block input ``x`` (B, C, H, W)."""
+        return self.decide(global_pool(x))
 
-        Args:
-            x: the block input.
-            pooled: ``global_pool(x)`` (B, C) in fp32 when the caller already has it (the
-                skipping path knows it for samples a block left unchanged); None: computed here.
-        """
+    def decide(self, pooled: Tensor) -> GateOutput:
+        """The verdict on a block input from its global pool ``pooled`` (B, C), fp32."""
         # The whole router runs in fp32 with autocast off: under bf16 autocast, fc1/fc2 would
         # round their outputs to 8 mantissa bits before any .float(), and near-tie logits then
         # decide differently from the fp32 exported model. It costs C x 128 + 128 x 2 MACs a sample.
-        with autocast_off(x.device):
-            if pooled is None:
-                pooled = global_pool(x)  # (B, C)
+        with autocast_off(pooled.device):
             hidden = self.dropout(F.relu(self.bn(self.fc1(pooled))))
             logits = self.fc2(hidden)  # (B, 2), fp32
         prob = logits.softmax(dim=-1)[:, 1]
@@ -139,7 +110,7 @@ class Router(nn.Module):
             decision = self._straight_through(logits)[:, 1]
         else:
             decision = (logits[:, 1] > logits[:, 0]).to(logits.dtype)
-        return GateOutput(logits=logits, prob=prob, decision=decision, pooled=pooled)
+        return GateOutput(logits=logits, prob=prob, decision=decision)
 
     def _straight_through(self, logits: Tensor) -> Tensor:
         if self.noise:

@@ -1,33 +1,14 @@
+"""Model names and create_model (models/factory.py); the timm entrypoints are tested in tests/test_inference.py."""
 import pytest
 import timm
 import torch
 
-import spnet_dist  # noqa: F401  (registers the models with timm)
-from spnet_dist.models import MODEL_NAMES, create_model
-
-
-@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if "cifar" in n])
-def test_timm_create_model_cifar(name):
-    model = timm.create_model(name, num_classes=100)
-    assert model.fc.out_features == 100
-    depth = int(name.rsplit("resnet", 1)[1])
-    assert model.num_blocks == 3 * (depth - 2) // 6
-
-
-def test_timm_create_model_imagenet():
-    model = timm.create_model("spnet_resnet101")
-    assert model.num_blocks == 33 and model.fc.out_features == 1000
-    assert "spnet_resnet50" in timm.list_models("spnet_*")
+from spnet_dist.models import GatedCifarResNet, GatedImageNetResNet, create_model
 
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match="spnet_resnet50.*spnet_cifar_resnet110"):
         create_model("spnet_resnet18")
-
-
-def test_pretrained_hub_weights_are_refused():
-    with pytest.raises(ValueError, match="torchvision_weights"):
-        timm.create_model("spnet_resnet50", pretrained=True)
 
 
 @pytest.mark.parametrize("kwargs, field", [({"num_classes": 0}, "model.num_classes"), ({"router_dropout": 1.0}, "model.router_dropout")])
@@ -42,3 +23,12 @@ def test_forward_features_and_head_like_timm():
     feats = model.forward_features(x)
     assert feats.shape == (2, 64, 8, 8)
     torch.testing.assert_close(model.forward_head(feats), model(x).logits)
+
+
+def test_create_model_needs_no_timm_registry(monkeypatch):
+    monkeypatch.setattr(timm.models._registry, "_model_entrypoints", {})  # nothing registered with timm
+    assert not timm.is_model("spnet_resnet50")
+    cifar = create_model("spnet_cifar_resnet56", aux_heads=False)
+    assert type(cifar) is GatedCifarResNet and cifar.fc.out_features == 10  # the CIFAR default
+    imagenet = create_model("spnet_resnet101")
+    assert type(imagenet) is GatedImageNetResNet and imagenet.fc.out_features == 1000 and imagenet.num_blocks == 33

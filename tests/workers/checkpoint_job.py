@@ -20,6 +20,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from spnet_dist import distributed as D  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
+from spnet_dist.execution import set_execution  # noqa: E402
 from spnet_dist.train import Trainer  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def main() -> None:
         images = torch.stack([trainer.val_loader.dataset[i][0] for i in range(48)])
         model = trainer.model
         model.eval()
-        model.set_execution("skip")
+        set_execution(model, "skip")
         with torch.no_grad(), trainer.step_fn.autocast:
             logits = model(images.to(trainer.device)).logits.float().cpu()
         save_file({"images": images.contiguous(), "logits": logits.contiguous()}, str(run / "eval_logits.safetensors"))

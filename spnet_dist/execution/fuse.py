@@ -29,14 +29,19 @@ from torch import Tensor, nn
 from torch.utils import flop_counter
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
-from .blocks import GatedBasicBlock, GatedBottleneck
-from .resnet import GatedResNet
+from ..models.blocks import GatedBasicBlock, GatedBlock, GatedBottleneck
+from ..models.resnet import GatedResNet
 
 # (layer, BN) attribute pairs where the BN directly follows the layer in the block's forward
 _BLOCK_PAIRS = {
     GatedBottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
     GatedBasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
 }
+
+
+def _block_pairs(block: GatedBlock) -> tuple[tuple[str, str], ...]:
+    """The (layer, BN) pairs of ``block``, whose class may be a skipping subclass (network.py)."""
+    return next(pairs for cls, pairs in _BLOCK_PAIRS.items() if isinstance(block, cls))
 
 
 class FoldedBatchNorm(nn.Identity):
@@ -118,13 +123,14 @@ def optimize_for_inference(model: GatedResNet) -> GatedResNet:
     if hasattr(model, "bn1"):
         _fold(model, "conv1", "bn1")  # stem
     for block in model.gated_blocks():
-        for layer_name, bn_name in _BLOCK_PAIRS[type(block)]:
+        pairs = _block_pairs(block)
+        for layer_name, bn_name in pairs:
             _fold(block, layer_name, bn_name)
         downsample = getattr(block, "downsample", None)
         if downsample is not None:
             _fold(downsample, "0", "1")
             _pointwise(downsample[0])
-        for layer_name, _ in _BLOCK_PAIRS[type(block)]:
+        for layer_name, _ in pairs:
             _pointwise(getattr(block, layer_name))
         _fold(block.router, "fc1", "bn")
     model.train = _refuse_train.__get__(model)  # type: ignore[method-assign]

@@ -1,4 +1,4 @@
-"""Inference rewrites (models/fuse.py): BN folding and subsampled projections keep the function."""
+"""Inference rewrites (execution/fuse.py): BN folding and subsampled projections keep the function."""
 import copy
 from unittest import mock
 
@@ -9,10 +9,10 @@ from torch import nn
 
 from spnet_dist.flops import _macs
 
+from spnet_dist.execution import FoldedBatchNorm, PointwiseConv, optimize_for_inference, set_execution
 from spnet_dist.models import create_model
-from spnet_dist.models.fuse import FoldedBatchNorm, PointwiseConv, optimize_for_inference
 
-from .test_resnet import _mixed_routers, _randomize_bn
+from ..models.test_resnet import _mixed_routers, _randomize_bn
 
 
 @pytest.mark.parametrize("name,size", [("spnet_resnet50", 64), ("spnet_cifar_resnet20", 32)])
@@ -23,7 +23,7 @@ def test_optimised_model_computes_the_same_function(name, size, execution):
     x = torch.randn(6, 3, size, size)
     _randomize_bn(model)  # non-trivial BN scales and shifts: folding them must matter
     _mixed_routers(model, x)  # every BN's statistics from x; decisions differ between samples
-    model.set_execution(execution)
+    set_execution(model, execution)
     optimised = optimize_for_inference(copy.deepcopy(model))
     with torch.no_grad():
         want, got = model(x), optimised(x)

@@ -1,4 +1,4 @@
-"""Per-image early stages (resnet.py ``set_per_image_stages``, ``_trunk``): on the CPU the stem and
+"""Per-image early stages (execution/network.py ``count_per_image_stages``, ``_trunk``): on the CPU the stem and
 the stages with large activations run one image at a time, the rest on the whole batch; every
 output must be what the whole-batch forward gives."""
 from unittest import mock
@@ -6,9 +6,10 @@ from unittest import mock
 import pytest
 import torch
 
+from spnet_dist.execution import count_per_image_stages, set_execution
+from spnet_dist.execution.spare import batch_view
 from spnet_dist.models import create_model
 from spnet_dist.models.gates import global_pool
-from spnet_dist.models.spare import batch_view
 
 from .test_skip_capacity import _model
 
@@ -18,8 +19,8 @@ STAGE_OUTPUT_BYTES_224 = [256 * 56 * 56 * 4, 512 * 28 * 28 * 4, 1024 * 14 * 14 *
 def test_the_stages_that_run_per_image_follow_the_size_of_their_output():
     model = create_model("spnet_resnet50", num_classes=10).eval()
     x = torch.empty(2, 3, 224, 224)
-    assert model.count_per_image_stages(x) == 0  # built by create_model: off
-    model.set_per_image_stages("auto")
+    assert count_per_image_stages(model, x) == 0  # built by create_model: off
+    set_execution(model, per_image_stages="auto")
     assert model.count_per_image_stages(x) == 2  # 3.2 MB and 1.6 MB per image >= 1 MiB; 0.8 MB < 1 MiB
     assert model.count_per_image_stages(torch.empty(2, 3, 160, 160)) == 1  # 1.6 MB, then 0.8 MB
     assert model.count_per_image_stages(torch.empty(2, 3, 225, 225)) == 2  # odd sizes round up like the convs
@@ -42,15 +43,18 @@ def test_the_stages_that_run_per_image_follow_the_size_of_their_output():
             assert model.count_per_image_stages(x) == 0  # a per-image loop would unroll at the traced batch size
     model.eval()
     model.set_per_image_stages("off")
-    assert model.count_per_image_stages(x) == 0
+    assert count_per_image_stages(model, x) == 0
     cifar = create_model("spnet_cifar_resnet20", num_classes=10).eval()
-    cifar.set_per_image_stages("auto")
+    set_execution(cifar, per_image_stages="auto")
     assert cifar.count_per_image_stages(torch.empty(8, 3, 32, 32)) == 0  # 64 KB per image
 
 
 @pytest.mark.parametrize("mode, min_bytes", [("bogus", None), ("auto", -1), ("auto", 1.5), ("auto", True)])
 def test_bad_settings_are_one_line_errors(mode, min_bytes):
     model = create_model("spnet_cifar_resnet20", num_classes=10)
+    with pytest.raises(ValueError, match="per_image_stages|min_bytes"):
+        set_execution(model, per_image_stages=mode, per_image_min_bytes=min_bytes)
+    set_execution(model, skip_strategy="capacity")  # an InferenceResNet: its method checks the same
     with pytest.raises(ValueError, match="per_image_stages|min_bytes"):
         model.set_per_image_stages(mode, min_bytes)
 
@@ -73,14 +77,13 @@ def _pair(name, size, batch):
 @pytest.mark.parametrize("execution, strategy", [("masked", "gather"), ("skip", "gather"), ("skip", "capacity")])
 def test_per_image_stages_give_the_whole_batch_outputs(name, size, min_bytes, expected_stages, execution, strategy):
     model, x = _pair(name, size, batch=6)
-    model.set_execution(execution)
-    model.set_skip_strategy(strategy)
-    model.set_skip_capacity(rates=0.7, margin=0.0)  # capacity: some blocks overflow, some do not
+    # capacity: some blocks overflow, some do not
+    set_execution(model, execution, skip_strategy=strategy, capacity_rates=0.7, capacity_margin=0.0)
     with torch.no_grad():
         whole = model(x)
         whole_features = model.forward_features(x)
-        model.set_per_image_stages("auto", min_bytes=min_bytes)
-        assert model.count_per_image_stages(x) == expected_stages
+        set_execution(model, per_image_stages="auto", per_image_min_bytes=min_bytes)
+        assert count_per_image_stages(model, x) == expected_stages
         stem_batches = []
         hook = model.conv1.register_forward_hook(lambda _m, inp, _out: stem_batches.append(inp[0].shape[0]))
         per_image = model(x)
@@ -101,10 +104,9 @@ def test_a_capacity_overflow_in_a_per_image_stage_falls_back_to_the_exact_forwar
     model, x = _pair("spnet_cifar_resnet20", 32, batch=6)
     with torch.no_grad():
         masked = model(x)
-    model.set_execution("skip")
-    model.set_skip_strategy("capacity")
-    model.set_skip_capacity(rates=0.0, margin=0.0)  # capacity 0 everywhere: every open block overflows
-    model.set_per_image_stages("auto", min_bytes=0)
+    # capacity 0 everywhere: every open block overflows
+    set_execution(model, "skip", skip_strategy="capacity", capacity_rates=0.0, capacity_margin=0.0,
+                  per_image_stages="auto", per_image_min_bytes=0)
     with torch.no_grad():
         out = model(x)
     assert torch.equal(out.gate_decisions, masked.gate_decisions)
@@ -121,7 +123,7 @@ def test_the_joined_batch_keeps_the_layout_of_its_parts(channels_last):
     assert joined.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     model, x = _pair("spnet_cifar_resnet20", 32, batch=3)
     model = model.to(memory_format=torch.channels_last)
-    model.set_per_image_stages("auto", min_bytes=16 * 32 * 32 * 4)  # stage 1 per image
+    set_execution(model, per_image_stages="auto", per_image_min_bytes=16 * 32 * 32 * 4)  # stage 1 per image
     with torch.no_grad():
         features = model.forward_features(x)
     assert features.is_contiguous(memory_format=torch.channels_last)
@@ -131,11 +133,11 @@ def test_the_joined_batch_keeps_the_layout_of_its_parts(channels_last):
 def test_gradients_flow_through_the_per_image_stages(execution):
     """Eval mode with autograd on (saliency maps, input attacks): the join keeps the graph."""
     model, x = _pair("spnet_cifar_resnet20", 32, batch=4)
-    model.set_execution(execution)
+    set_execution(model, execution)
     x.requires_grad_(True)
     grads = []
     for mode in ("off", "auto"):
-        model.set_per_image_stages(mode, min_bytes=0)
+        set_execution(model, per_image_stages=mode, per_image_min_bytes=0)
         x.grad = None
         model(x).logits.sum().backward()
         grads.append(x.grad.clone())
@@ -147,8 +149,7 @@ def test_gradients_flow_through_the_per_image_stages(execution):
 def test_the_first_batch_router_gets_the_pool_of_the_joined_batch_from_the_per_image_stages(execution):
     """Pooled image by image while in cache, bitwise what pooling the joined batch gives."""
     model, x = _pair("spnet_resnet50", 64, batch=5)
-    model.set_execution(execution)
-    model.set_per_image_stages("auto", min_bytes=256 * 16 * 16 * 4)  # stage 1 per image
+    set_execution(model, execution, per_image_stages="auto", per_image_min_bytes=256 * 16 * 16 * 4)  # stage 1 per image
     given = []
     model.stages[1][0].router.register_forward_pre_hook(lambda _m, args: given.append(args))
     with torch.no_grad():
@@ -176,7 +177,7 @@ def test_the_joined_batch_is_reused_only_where_nothing_else_can_see_it():
     forward's result, never twice at once, never across inference mode and no_grad."""
     model, x = _pair("spnet_cifar_resnet20", 32, batch=3)
     x2 = torch.randn_like(x)
-    model.set_execution("skip")
+    set_execution(model, "skip")
     with torch.no_grad():
         want = [model(x).logits, model(x2).logits]
     model.set_per_image_stages("auto", min_bytes=16 * 32 * 32 * 4)  # stage 1 per image, joined before stage 2

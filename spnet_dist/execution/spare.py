@@ -4,7 +4,9 @@ On the CPU, a tensor of tens of MB that a forward allocates afresh often comes f
 has just given back to the kernel (it trims the top of its heap when a forward frees its large
 tensors, and maps anything over 32 MB separately), and the kernel zeroes every 4 KB page on first
 touch: ResNet-50 at batch 32 took 12-26 thousand such page faults per forward, about 1 us each.
-A :class:`Spare` keeps one such tensor per thread for the next forward.
+A :class:`Spare` keeps one such tensor per thread for the next forward. The execution schedule of
+a model holds its own spares (``network.py``): nothing is kept for a model that does not use them,
+and dropping the schedule or the model frees them.
 
 Rules that keep it invisible:
 
@@ -26,10 +28,19 @@ from torch import Tensor
 
 
 class Spare:
-    """One flat tensor per thread, taken for a forward and given back after it."""
+    """One flat tensor per thread, taken for a forward and given back after it.
+
+    A copy (``copy.deepcopy`` of a model, pickling) starts empty: the tensor is scratch memory.
+    """
 
     def __init__(self) -> None:
         self._local = threading.local()
+
+    def __deepcopy__(self, memo: dict) -> "Spare":
+        return Spare()
+
+    def __reduce__(self) -> tuple:
+        return (Spare, ())
 
     def take(self, numel: int, like: Tensor) -> Tensor:
         """A flat tensor of at least ``numel`` elements of ``like``'s dtype and device: the spare

@@ -1,8 +1,12 @@
-"""Spare buffers (models/spare.py) and their two users: the skipping blocks' gathers and the join
+"""Spare buffers (execution/spare.py) and their two users: the skipping blocks' gathers and the join
 of the per-image stages (the latter in test_per_image_stages.py)."""
+import copy
+import pickle
+
 import torch
 
-from spnet_dist.models.spare import Spare, batch_view
+from spnet_dist.execution import set_execution
+from spnet_dist.execution.spare import Spare, batch_view
 
 from .test_skip_capacity import _model
 
@@ -28,6 +32,10 @@ def test_a_spare_is_reused_only_when_it_fits_and_nothing_else_holds_it():
         spare.give(first)
         spare.clear()
         assert spare.take(100, like) is not first
+        spare.give(first)
+        for copied in (copy.deepcopy(spare), pickle.loads(pickle.dumps(spare))):  # a copied model's spare: empty
+            assert isinstance(copied, Spare) and copied.take(100, like) is not first
+        assert spare.take(100, like) is first
 
 
 def test_batch_view_lays_samples_out_like_the_given_tensor():
@@ -55,7 +63,7 @@ def test_skipping_blocks_gather_into_one_spare_without_autograd():
         block.conv1.register_forward_pre_hook(record(index))
     with torch.no_grad():
         masked = model(x)
-        model.set_execution("skip")
+        set_execution(model, "skip")
         runs = [model(x), model(x)]
     assert len(gathered) >= 4, "blocks must be open for part of the batch"
     assert len({address for _, address in gathered}) == 1, "every gather of both forwards reuses one spare"

@@ -1,13 +1,13 @@
-"""The capacity skip strategy (blocks.py ``_forward_capacity``, resnet.py ``_exact``): a fixed
-number of samples per block, no per-block host sync, exact fallback on overflow."""
+"""The capacity skip strategy (execution/blocks.py ``forward_capacity``, execution/network.py
+``_exact_trunk``): a fixed number of samples per block, no per-block host sync, exact fallback on overflow."""
 import pytest
 import torch
 
 from spnet_dist.device_audit import HostSyncCounter
+from spnet_dist.execution import resolve_skip_strategy, set_execution, skip_capacities, skip_capacity
 from spnet_dist.models import create_model
-from spnet_dist.models.blocks import resolve_skip_strategy, skip_capacity
 
-from .test_resnet import _mixed_routers, _randomize_bn
+from ..models.test_resnet import _mixed_routers, _randomize_bn
 
 
 def _model(name, x, forced=None, **kwargs):
@@ -24,15 +24,14 @@ def _model(name, x, forced=None, **kwargs):
 
 
 def _masked(model, x):
-    model.set_execution("masked")
+    set_execution(model, "masked")
     with torch.no_grad():
         return model(x)
 
 
 def _capacity(model, x):
     """A capacity forward and the host syncs it made."""
-    model.set_execution("skip")
-    model.set_skip_strategy("capacity")
+    set_execution(model, "skip", skip_strategy="capacity")
     with torch.no_grad(), HostSyncCounter(patch_accelerator=False) as syncs:
         out = model(x)
     return out, syncs.counts
@@ -47,8 +46,8 @@ def test_capacity_rule():
     assert skip_capacity(32, 1.0, 3.0, 8) == 32 and skip_capacity(32, 0.0, 3.0, 8) == 0
     assert skip_capacity(1, 0.5, 3.0, 8) == 1 and skip_capacity(5, 0.1, 0.0, 8) == 5  # never above B
     model = create_model("spnet_cifar_resnet20")
-    assert model.skip_capacities(32) == [32] * 9  # unset rates are 1.0: capacity = batch
-    model.set_skip_capacity(rates=0.5)
+    assert skip_capacities(model, 32) == [32] * 9  # unset rates are 1.0: capacity = batch
+    set_execution(model, capacity_rates=0.5)
     assert model.skip_capacities(32) == [25] * 9  # CPU rounds to 1
     assert model.skip_capacities(32, "cuda") == [32] * 9 and model.skip_capacities(64, "cuda") == [48] * 9
     model.set_skip_capacity(margin=0.0, multiple=4)
@@ -56,6 +55,9 @@ def test_capacity_rule():
     for bad in (dict(rates=[0.5] * 8), dict(rates=1.5), dict(margin=-1.0), dict(multiple=0), dict(multiple=2.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             model.set_skip_capacity(**bad)
+        with pytest.raises(ValueError, match=f"capacity_{next(iter(bad))}"):
+            set_execution(model, **{f"capacity_{key}": value for key, value in bad.items()})
+    assert model.skip_capacities(30, "cuda") == [16] * 9  # a refused setting changes nothing
     with pytest.raises(ValueError, match="skip_strategy"):
         model.set_skip_strategy("bucket")
     assert resolve_skip_strategy("auto", torch.device("cuda")) == "capacity"
@@ -74,8 +76,8 @@ def test_capacity_equals_masked_without_overflow_and_syncs_once(name, size, batc
     open_counts = masked.gate_decisions.sum(0).long().tolist()
     rates = [n / batch for n in open_counts]
     rates[open_counts.index(next(n for n in open_counts if 0 < n < batch))] = 1.0  # C = B with closed samples
-    model.set_skip_capacity(rates=rates, margin=1.0, multiple=1)
-    caps = model.skip_capacities(batch)
+    set_execution(model, capacity_rates=rates, capacity_margin=1.0, capacity_multiple=1)
+    caps = skip_capacities(model, batch)
     cases = list(zip(open_counts, caps))
     assert all(n <= c for n, c in cases), "the capacities must hold every open sample (no overflow)"
     assert any(c == batch and n < batch for n, c in cases)  # whole batch, closed ones times 0
@@ -87,14 +89,14 @@ def test_capacity_equals_masked_without_overflow_and_syncs_once(name, size, batc
     assert (out.logits - masked.logits).abs().max().item() < 1e-5
 
     # The per-block region makes no host sync at all; every block can overflow (C < B) or not.
-    model.set_skip_capacity(rates=[min(1.0, n / batch + 0.1) for n in open_counts], margin=0.0)
+    set_execution(model, capacity_rates=[min(1.0, n / batch + 0.1) for n in open_counts], capacity_margin=0.0)
     with torch.no_grad():
         h = model.forward_stem(x)
-        for block in model.gated_blocks():
+        for block, capacity in zip(model.gated_blocks(), skip_capacities(model, batch)):
             with HostSyncCounter(patch_accelerator=False) as syncs:
-                h, gate = block(h)
+                h, gate, _ = block.forward_capacity(h, capacity)
             assert syncs.total == 0, dict(syncs.counts)
-    model.set_skip_strategy("gather")  # exact work: one nonzero() per block, no overflow read
+    set_execution(model, skip_strategy="gather")  # exact work: one nonzero() per block, no overflow read
     with torch.no_grad(), HostSyncCounter(patch_accelerator=False) as syncs:
         gathered = model(x)
     assert dict(syncs.counts) == {"nonzero": model.num_blocks}
@@ -111,16 +113,16 @@ def test_overflow_anywhere_falls_back_to_the_exact_gather_forward():
         partly = [i for i, n in enumerate(open_counts) if 0 < n < 16]
         short = partly[-1] if last else partly[0]
         rates[short] = (open_counts[short] - 1) / 16
-        model.set_skip_capacity(rates=rates, margin=0.0, multiple=1)
+        set_execution(model, capacity_rates=rates, capacity_margin=0.0, capacity_multiple=1)
         out, syncs = _capacity(model, x)
         assert dict(syncs) == {"bool": 1, "nonzero": model.num_blocks}  # overflow read, then the gather forward
         assert torch.equal(out.gate_decisions, masked.gate_decisions)
         assert (out.logits - masked.logits).abs().max().item() < 1e-5
-    model.set_skip_capacity(rates=0.0)  # every capacity 0: each partly open block overflows
+    set_execution(model, capacity_rates=0.0)  # every capacity 0: each partly open block overflows
     out, syncs = _capacity(model, x)
     assert syncs["nonzero"] == model.num_blocks
     assert (out.logits - masked.logits).abs().max().item() < 1e-5
-    model.set_skip_strategy("capacity")
+    set_execution(model, skip_strategy="capacity")
     with torch.no_grad():
         features = model.forward_features(x)  # timm's path takes the same fallback
     assert (model.forward_head(features) - masked.logits).abs().max().item() < 1e-5
@@ -136,8 +138,8 @@ def test_batch_one_and_batches_near_the_multiple(batch):
     masked = _masked(model, x)
     open_counts = masked.gate_decisions.sum(0).long().tolist()
     rates = [0.5] * model.num_blocks if batch < 8 else [n / batch for n in open_counts]
-    model.set_skip_capacity(rates=rates, margin=0.0, multiple=8)
-    caps = model.skip_capacities(batch)
+    set_execution(model, capacity_rates=rates, capacity_margin=0.0, capacity_multiple=8)
+    caps = skip_capacities(model, batch)
     if batch < 8:
         assert caps == [batch] * model.num_blocks
         assert 0 < sum(open_counts) < batch * model.num_blocks  # closed samples run times 0
@@ -153,10 +155,10 @@ def test_capacity_keeps_the_caller_input_and_works_with_autograd_bf16_and_channe
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     model = _model("spnet_cifar_resnet20", x)
     masked = _masked(model, x)
-    model.set_skip_capacity(rates=(masked.gate_decisions.mean(0) + 0.2).clamp(max=1).tolist(), margin=0.0)
-    assert any(0 < c < 8 for c in model.skip_capacities(8))
-    model.set_execution("skip")
-    model.set_skip_strategy("capacity")
+    set_execution(model, capacity_rates=(masked.gate_decisions.mean(0) + 0.2).clamp(max=1).tolist(),
+                  capacity_margin=0.0)
+    assert any(0 < c < 8 for c in skip_capacities(model, 8))
+    set_execution(model, "skip", skip_strategy="capacity")
     x_before = x.clone()
     x.requires_grad_(True)
     with HostSyncCounter(patch_accelerator=False) as syncs:
