@@ -3,40 +3,57 @@
 The job is the config file's run plus its ``slurm:`` section: ``nodes`` x one task per GPU,
 each task calling the same :func:`spnet_dist.train.main` that ``spnet-train`` calls. The
 submitted callable, :class:`TrainingJob`, is checkpointable in submitit's sense, but it saves
-nothing itself: the trainer saves on the signal. One attempt goes
+nothing itself: the trainer saves on the signal. One attempt goes (measured on SLURM 22.05,
+docs/slurm.md)
 
-    SLURM sends SIGUSR2 (time limit in slurm.signal_delay_s, or preemption: SIGTERM + SIGUSR2)
+    SLURM signals the tasks: SIGUSR2 slurm.signal_delay_s (to +30 s) before the time limit
+    (``--signal=USR2@N``), SIGTERM at a preemption (start of the partition's GraceTime) or a
+    ``scancel``
     -> the trainer's handlers set a flag; at a step boundary every rank agrees, saves a
        checkpoint and raises ``Preempted``; the trainer restores submitit's handlers
-    -> TrainingJob: rank 0 hands over to submitit's own handler, which calls
-       ``TrainingJob.checkpoint()`` (a ``DelayedSubmission`` of the same job), requeues it
-       (``scontrol requeue``; the local executor: exit status 144) and exits; the other ranks
-       exit without writing a result file
+    -> TrainingJob: rank 0 asks SLURM what became of the job (``scontrol show job``):
+       cancelled (ending, not at its time limit) -> exit, not requeued; already requeued by
+       SLURM (the grace time ran out) -> exit; otherwise it hands over to submitit's own
+       handler, which calls ``TrainingJob.checkpoint()`` (a ``DelayedSubmission`` of the same
+       job), requeues it (``scontrol requeue``; the local executor: exit status 144) and exits.
+       A preemption is never counted as a time-out. The other ranks exit with status 0 (under
+       ``srun --kill-on-bad-exit=1`` a failure status would stop rank 0 mid-requeue)
     -> the requeued attempt calls ``main(cfg)`` again on the same ``run.out_dir``, which resumes
        from the newest valid checkpoint (``run.resume=auto``).
 
 A signal that arrives while the trainer's handlers are not installed (set-up, before the loop)
-goes to submitit directly: it requeues the same way and the next attempt resumes from what is
-on disk. submitit counts a signal as a time-out (using up ``slurm.max_timeouts``) once the
-attempt ran min(80 %, T - 10 min) of its time limit T; earlier ones are preemptions and free.
+goes to submitit directly: SIGUSR2 requeues the same way and the next attempt resumes from what
+is on disk; SIGTERM is only logged (a preemption then ends at the grace time, when SLURM kills
+and requeues the job). submitit counts a SIGUSR2 as a time-out (using up ``slurm.max_timeouts``)
+once the attempt ran min(80 %, T - 10 min) of its time limit T.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import re
 import shlex
 import signal
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from .config import Config, ConfigError, SlurmConfig, add_config_arguments, load_config, validate
 
 __all__ = ["TrainingJob", "tasks_per_node", "world_size", "validate_slurm", "submitit_folder",
-           "slurm_parameters", "sbatch_script", "build_executor", "select_visible_gpu", "submit", "cli"]
+           "slurm_parameters", "sbatch_script", "build_executor", "select_visible_gpu", "SlurmJobState",
+           "slurm_job_state", "submit", "cli"]
 
 DEFAULT_ENTRY = "spnet_dist.train:main"
+
+# srun options of every job (the sbatch script's `srun` line). A task that fails ends the step at
+# once (SLURM then SIGTERMs the other tasks and SIGKILLs them KillWait later) instead of leaving
+# them blocked in a collective until engine.timeout_min; explicit, so the cluster's
+# KillOnBadExit default does not decide it. Tasks therefore exit 0 after a saved stop.
+SRUN_ARGS = ("--kill-on-bad-exit=1",)
 
 # sbatch options the slurm section owns (or submitit writes itself); slurm.sbatch_args may not
 # repeat them, so the section stays the one place that says how big and how long the job is.
@@ -128,7 +145,10 @@ def slurm_parameters(cfg: Config) -> dict[str, Any]:
         "ntasks_per_node": tasks_per_node(s),
         "cpus_per_task": s.cpus_per_task,
         "time": s.timeout_min,
-        "signal_delay_s": s.signal_delay_s,  # -> --signal=USR2@<s>
+        # -> --signal=USR2@<s>: SIGUSR2 to the tasks of every step, not to the batch shell
+        # ("B:USR2" would kill the shell, which runs srun without a trap: measured, the job fails)
+        "signal_delay_s": s.signal_delay_s,
+        "srun_args": list(SRUN_ARGS),
     }
     if s.gpus_per_node > 0:
         params["gpus_per_node"] = s.gpus_per_node
@@ -262,32 +282,141 @@ class TrainingJob:
 
     @staticmethod
     def _requeue(rank: int, stop: BaseException) -> None:
-        """After the trainer saved and raised ``Preempted``: requeue through submitit and exit.
+        """After the trainer saved and raised ``Preempted``: requeue (rank 0) and exit.
 
-        Rank 0 calls the handler submitit installed for its signal (USR2) exactly as a signal
-        would: it decides preemption vs time-out, calls :meth:`checkpoint`, requeues and exits.
-        Other ranks exit with ``EXIT_PREEMPTED`` through ``SystemExit``, which submitit does not
-        catch, so no stale result file is left for the requeued attempt's job.result().
+        Ranks other than 0 exit with status 0 through ``SystemExit``, which submitit does not
+        catch, so no stale result file is left for the requeued attempt's job.result(); 0 because
+        under ``srun --kill-on-bad-exit=1`` a non-zero exit would make SLURM terminate rank 0
+        while it requeues.
+
+        Rank 0 first asks SLURM what became of the job (:func:`slurm_job_state`): a job that
+        is ending other than by its time limit (``scancel`` sends the same single SIGTERM as a
+        preemption, and ``scontrol requeue`` would bring the cancelled job back) is not
+        requeued; a job SLURM already requeued (a preemption whose GraceTime ran out during the
+        save) is not requeued again. Otherwise it calls the handler submitit installed for its
+        signal (USR2) exactly as a signal would: it calls :meth:`checkpoint`, requeues and exits,
+        or raises if the job is out of time-outs. submitit counts the stop as a time-out by the
+        attempt's elapsed time alone; a preemption (``PreemptTime`` set) is never counted.
         """
         from submitit.core.job_environment import JobEnvironment, SignalHandler
 
-        from .checkpoint import EXIT_PREEMPTED
-
         if rank != 0:
             print(f"rank {rank}: {stop}; rank 0 requeues the job", flush=True)
-            sys.exit(EXIT_PREEMPTED)
+            sys.exit(0)
         signum = JobEnvironment._usr_sig()
         handler = signal.getsignal(signum)
-        if not isinstance(getattr(handler, "__self__", None), SignalHandler):
+        owner = getattr(handler, "__self__", None)
+        if not isinstance(owner, SignalHandler):
             raise RuntimeError(f"{stop}, but submitit's {signal.Signals(signum).name} handler is not "
                                f"installed (found {handler!r}): cannot requeue") from stop
-        print(f"rank 0: {stop}; requeueing through submitit", flush=True)
-        # `scontrol requeue` makes SLURM SIGTERM every process of the job, and that can reach the
-        # `scontrol` child itself before it returns: submitit then raises CalledProcessError and
-        # never logs the requeue (seen in CI). An ignored SIGTERM is inherited across exec, so
-        # the child finishes; this process is exiting anyway (submitit only logs SIGTERM here).
+        # `scontrol requeue` (and SLURM's own requeue or cancel) makes SLURM SIGTERM every process
+        # of the job, and that can reach a `scontrol` child of this process before it returns:
+        # submitit then raises CalledProcessError and never logs the requeue (seen in CI). An
+        # ignored SIGTERM is inherited across exec, so the children finish; this process is
+        # exiting anyway (submitit only logs SIGTERM here).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        handler(signum, None)  # requeues and exits (SystemExit), or raises if out of time-outs
+        on_slurm = os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "SLURM_JOB_ID" in os.environ
+        job_id = os.environ.get("SLURM_JOB_ID", "")
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        job = slurm_job_state(job_id) if on_slurm else None
+        note = "requeueing through submitit"
+        if job is not None:
+            action = job.action(attempt)
+            if action == "ended":
+                print(f"rank 0: {stop}; job {job_id} is ending (JobState={job.state}, Reason={job.reason}), "
+                      "not at its time limit (cancelled?): not requeued; submit the same config again to resume",
+                      flush=True)
+                sys.exit(0)
+            if action == "requeued":
+                print(f"rank 0: {stop}; SLURM already requeued job {job_id} (JobState={job.state}, "
+                      f"Restarts={job.restarts}): not requeued again", flush=True)
+                sys.exit(0)
+            if job.preempted:
+                owner.has_timed_out = lambda: False  # submitit would judge by elapsed time alone
+                note = f"preempted (PreemptTime={job.preempt_time}): {note} without using a time-out"
+        print(f"rank 0: {stop}; {note}", flush=True)
+        try:
+            handler(signum, None)  # requeues and exits (SystemExit), or raises if out of time-outs
+        except subprocess.CalledProcessError:
+            # SLURM may requeue the job itself between our look and `scontrol requeue` (the end of
+            # a preemption's GraceTime): the command then fails with "Job is pending execution".
+            # An error here would leave an error result file that ends job.result() early.
+            after = slurm_job_state(job_id) if on_slurm else None
+            if after is not None and after.action(attempt) == "requeued":
+                print(f"rank 0: SLURM requeued job {job_id} itself (JobState={after.state}, "
+                      f"Restarts={after.restarts}): not requeued again", flush=True)
+                sys.exit(0)
+            raise
+
+
+# --------------------------------------------------------------------------------------------
+# What SLURM did to the job (read by rank 0 after a stop)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SlurmJobState:
+    """The fields of ``scontrol show job`` that decide what rank 0 does after a stop.
+
+    Measured on SLURM 22.05 while the tasks of the stopped attempt still run (docs/slurm.md):
+    a preemption's grace time shows ``RUNNING`` with ``PreemptTime`` set; ``scancel`` shows
+    ``COMPLETING`` with ``Reason=None``; a time limit ``COMPLETING`` with ``Reason=TimeLimit``;
+    a job SLURM (or an admin) already requeued ``COMPLETING`` or ``PENDING`` with ``Restarts``
+    one higher than the attempt's ``SLURM_RESTART_COUNT``.
+
+    Attributes:
+        state: ``JobState`` as scontrol shows it (RUNNING, COMPLETING, PENDING, ...).
+        reason: ``Reason`` (None, TimeLimit, ...).
+        restarts: ``Restarts``, how often the job was requeued so far.
+        preempt_time: ``PreemptTime``, or None when SLURM is not preempting this attempt.
+    """
+
+    state: str
+    reason: str
+    restarts: int
+    preempt_time: Optional[str]
+
+    # States of a job that is ending or ended for good unless someone requeues it (TIMEOUT and
+    # COMPLETING with Reason=TimeLimit are requeued: the point of the requeue).
+    ENDING = frozenset({"COMPLETING", "CANCELLED", "COMPLETED", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY",
+                        "DEADLINE", "BOOT_FAIL"})
+
+    @classmethod
+    def parse(cls, text: str) -> "SlurmJobState":
+        def field(name: str) -> Optional[str]:
+            match = re.search(rf"(?:^|\s){name}=(\S*)", text)
+            return match.group(1) if match else None
+
+        state, restarts, preempt = field("JobState"), field("Restarts"), field("PreemptTime")
+        if state is None or restarts is None or not restarts.isdigit():
+            raise ValueError(f"not the output of `scontrol show job`: {text[:200]!r}")
+        return cls(state, field("Reason") or "None", int(restarts),
+                   None if preempt in (None, "", "None", "Unknown") else preempt)
+
+    @property
+    def preempted(self) -> bool:
+        return self.preempt_time is not None
+
+    def action(self, attempt: int) -> str:
+        """What rank 0 of attempt number ``attempt`` (``SLURM_RESTART_COUNT``, 0 for the first)
+        does after a stop: ``"requeued"`` (SLURM or an admin did already: not again), ``"ended"``
+        (cancelled or otherwise ending, not by its time limit: do not bring it back) or
+        ``"requeue"`` (running, or ending at its time limit)."""
+        if self.restarts > attempt or self.state == "PENDING" or self.state.startswith("REQUEUE"):
+            return "requeued"
+        if self.state in self.ENDING and self.reason != "TimeLimit":
+            return "ended"
+        return "requeue"
+
+
+def slurm_job_state(job_id: str, timeout: float = 30) -> Optional[SlurmJobState]:
+    """``scontrol show job <id>`` as a :class:`SlurmJobState`; None if SLURM cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "show", "job", "--oneliner", job_id], capture_output=True, text=True,
+                             timeout=timeout)
+        return SlurmJobState.parse(out.stdout) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,14 +18,17 @@ DEMO = REPO_ROOT / "configs" / "demo.yaml"
 
 
 def job_environment(monkeypatch) -> None:
-    """Variables every job process inherits from the submitting test (submitit copies the
-    environment): one thread per rank, and a torch-extension cache of this virtualenv.
+    """Variables every job process inherits from the submitting test (sbatch and the local
+    executor pass the environment on): this repository first on ``PYTHONPATH``, one thread per
+    rank, and a torch-extension cache of this virtualenv.
 
     DeepSpeed JIT-compiles a small shared-memory op at its first start and caches it under
     ``~/.cache/torch_extensions``; processes from different virtualenvs sharing that cache
     rebuild it for each other (minutes under load). A per-venv directory builds it once.
     """
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # The job imports this tree (and tests.* entries), wherever pytest was started from.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)

@@ -9,7 +9,10 @@
 What ``start`` runs, each in the foreground of its own session so that its PID is the daemon's
 own and can be recorded: a private MariaDB (own datadir, 127.0.0.1:16830) for accounting,
 ``munged``, ``slurmdbd`` (6819), ``slurmctld`` (6817) and two emulated nodes ``n1``/``n2``
-(``slurmd -N``, ports 17001/17002, both on 127.0.0.1) in one partition ``debug``. Every file
+(``slurmd -N``, ports 17001/17002, both on 127.0.0.1) in three partitions over both nodes:
+``debug`` (the default, never preempted), ``low`` (``PreemptMode=REQUEUE``, ``GraceTime=60``)
+and ``high`` (a higher ``PriorityTier``: its jobs preempt those of ``low``), with
+``PreemptType=preempt/partition_prio`` and ``KillWait=30`` (SLURM's default). Every file
 lives under ``--dir`` (default ``/tmp/spnet-slurm``); clients find the cluster through
 ``SLURM_CONF=<dir>/etc/slurm.conf`` (printed by ``start``, read by :func:`client_env`).
 
@@ -18,9 +21,10 @@ PIDs only (after checking that each still runs the program it recorded) and neve
 processes up by name. If ``n1``/``n2`` do not resolve, a marked line is added to /etc/hosts
 and removed again by ``stop`` (torch connects to the first node name as MASTER_ADDR).
 
-Settings that matter (measured, see docs/library-facts.md "SLURM on one machine"):
+Settings that matter (measured, see docs/library-facts.md "SLURM 22.05: signals at a stop"):
 ``AuthInfo=cred_expire=10`` + ``sched_interval=2`` make a requeued job restart in ~15 s instead
-of ~145 s; without slurmdbd, ``sacct`` fails and submitit never learns that a job ended.
+of ~145 s; without slurmdbd, ``sacct`` fails and submitit never learns that a job ended; the
+preemption tests need ``GraceTime`` longer than a save and the ``low``/``high`` partitions.
 Only the standard library is used: the script runs before any virtualenv exists.
 """
 from __future__ import annotations
@@ -44,6 +48,13 @@ NODES = ("n1", "n2")
 NODE_PORTS = (17001, 17002)
 CTLD_PORT, DBD_PORT, DB_PORT = 6817, 6819, 16830
 HOSTS_MARK = "# spnet-dist tests/slurm emulated nodes"
+# Preemption: a job in HIGH that needs the nodes preempts the jobs of LOW (PreemptMode=REQUEUE):
+# SLURM SIGTERMs their tasks, waits GRACE_TIME s (plus up to its 30 s tick), then kills them and
+# requeues them. The grace time must outlast a save of the test runs (seconds). KILL_WAIT is
+# SLURM's default time from the last SIGTERM to SIGKILL (a scancel'd trainer saves within it).
+LOW, HIGH = "low", "high"
+GRACE_TIME = 60
+KILL_WAIT = 30
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
 
 
@@ -148,8 +159,14 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort={DBD_PORT}
+KillWait={KILL_WAIT}
+# jobs of {HIGH} (PriorityTier=2) preempt those of {LOW}; debug jobs are never preempted
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName=n[1-2] NodeHostname={host} NodeAddr=127.0.0.1 Port=[{NODE_PORTS[0]}-{NODE_PORTS[1]}] CPUs={cpus} RealMemory={memory} State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=OFF
+PartitionName={LOW} Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime={GRACE_TIME}
+PartitionName={HIGH} Nodes=n[1-2] MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """)
     dbd = etc / "slurmdbd.conf"
     dbd.write_text(f"""# written by tests/slurm/cluster.py

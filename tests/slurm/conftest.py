@@ -7,9 +7,11 @@ import os
 
 import pytest
 
+from ..submit_helpers import run_reference
 from . import cluster
 
 STATE_DIR = cluster.DEFAULT_DIR
+EPOCHS = 3  # the submitted jobs' run: 3 x 44 optimizer steps on 2 ranks
 
 
 def _cannot_run() -> str | None:
@@ -45,3 +47,9 @@ def slurm_cluster():
             else:
                 os.environ[key] = value
         cluster.stop(STATE_DIR)
+
+
+@pytest.fixture(scope="session")
+def reference(digits_root, tmp_path_factory):
+    """The uninterrupted 2-rank run every job test compares with (3 epochs, 132 steps)."""
+    return run_reference(digits_root, tmp_path_factory.mktemp("reference") / "run", EPOCHS)

@@ -22,26 +22,11 @@ from spnet_dist import submit as S
 
 from ..conftest import REPO_ROOT
 from ..dist_helpers import child_env
-from ..submit_helpers import (DEMO, assert_same_weights, final_weights, job_environment, load_job_config,
-                              run_overrides, run_reference)
+from ..submit_helpers import DEMO, assert_same_weights, final_weights, job_environment, run_overrides
+from .conftest import EPOCHS
+from .jobs import job_config, steps, task_pids, wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multiprocess]
-EPOCHS = 3
-
-
-def _steps(run: Path) -> list[int]:
-    return sorted(int(p.name[5:]) for p in (run / "checkpoints").glob("step_*") if p.name[5:].isdigit())
-
-
-def _wait(what: str, ok, timeout: float = 300, every: float = 1.0, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = ok()
-        if value:
-            return value
-        time.sleep(every)
-    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
 
 
 def _srun_env() -> dict[str, str]:
@@ -75,9 +60,7 @@ def test_batch_script_without_srun_refuses_a_multi_task_job(slurm_cluster, digit
 
 
 def _job_config(digits_root, run: Path, epochs: int):
-    return load_job_config(*run_overrides(digits_root, run, epochs), "slurm.nodes=2", "slurm.tasks_per_node=1",
-                           "slurm.cpus_per_task=1", "slurm.partition=debug", "slurm.timeout_min=30",
-                           "slurm.signal_delay_s=60", "slurm.max_timeouts=3", "engine.timeout_min=1")
+    return job_config(digits_root, run, epochs)
 
 
 def test_submitted_job_survives_preemption_and_time_out_with_identical_weights(
@@ -103,13 +86,13 @@ def test_submitted_job_survives_preemption_and_time_out_with_identical_weights(
     def requeues() -> int:
         return log.read_text().count("Requeued job") if log.exists() else 0
 
-    _wait("the first checkpoint", lambda: _steps(run), log=log)
+    wait("the first checkpoint", lambda: steps(run), log=log)
     job._interrupt()  # preemption: scancel --signal SIGTERM, then --signal USR2
-    _wait("the first requeue", lambda: requeues() == 1, log=log)
-    first_stop = max(_steps(run))
-    _wait("progress after the first resume", lambda: max(_steps(run)) > first_stop, log=log)
+    wait("the first requeue", lambda: requeues() == 1, log=log)
+    first_stop = max(steps(run))
+    wait("progress after the first resume", lambda: max(steps(run)) > first_stop, log=log)
     job._interrupt(timeout=True)  # time limit: scancel --signal USR2
-    _wait("the second requeue", lambda: requeues() == 2, log=log)
+    wait("the second requeue", lambda: requeues() == 2, log=log)
     records = job.results()
     text = log.read_text()
     assert text.count("Starting with JobEnvironment") == 3  # three attempts of one job id
@@ -119,30 +102,6 @@ def test_submitted_job_survives_preemption_and_time_out_with_identical_weights(
           f"finished at step {records[0]['step']}")
 
 
-def _task_pids(job_id: str) -> dict[int, int]:
-    """{global rank: pid} of this job's running submitit tasks, read from /proc (the tasks'
-    environment names the job and the rank; both emulated nodes run on this machine)."""
-    ranks = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if b"submitit.core._submit" not in (proc / "cmdline").read_bytes():
-                continue
-            env = dict(item.split(b"=", 1) for item in (proc / "environ").read_bytes().split(b"\0") if b"=" in item)
-        except OSError:
-            continue
-        if env.get(b"SLURM_JOB_ID") == job_id.encode() and b"SLURM_PROCID" in env:
-            ranks[int(env[b"SLURM_PROCID"])] = int(proc.name)
-    return ranks
-
-
-@pytest.fixture(scope="module")
-def reference(digits_root, tmp_path_factory):
-    """The uninterrupted 2-rank run both job tests compare with (3 epochs, 132 steps)."""
-    return run_reference(digits_root, tmp_path_factory.mktemp("reference") / "run", EPOCHS)
-
-
 def test_killed_rank_ends_the_job_and_the_requeued_job_resumes(
         slurm_cluster, digits_root, reference, tmp_path, monkeypatch):
     job_environment(monkeypatch)
@@ -150,17 +109,18 @@ def test_killed_rank_ends_the_job_and_the_requeued_job_resumes(
     run = tmp_path / "run"
     job = S.submit(_job_config(digits_root, run, epochs))
     log = job.paths.stdout
-    _wait("the first checkpoint", lambda: _steps(run), log=log)
-    pids = _wait("both tasks", lambda: (p := _task_pids(job.job_id)) and len(p) == 2 and p)
+    wait("the first checkpoint", lambda: steps(run), log=log)
+    pids = wait("both tasks", lambda: (p := task_pids(job.job_id)) and len(p) == 2 and p)
     killed_at = time.monotonic()
     subprocess.run(["kill", "-9", str(pids[1])], check=True)
-    # Rank 0's next collective fails (gloo sees the peer gone; engine.timeout_min bounds a hang):
-    # the job ends FAILED instead of hanging until its time limit.
-    state = _wait("the job to end", lambda: (s := job.get_info(mode="force").get("State")) and
+    # srun --kill-on-bad-exit=1 ends the step (rank 0 gets SIGTERM, SIGKILL KillWait later), and
+    # rank 0's next collective fails anyway (gloo sees the peer gone; engine.timeout_min bounds a
+    # hang): the job ends FAILED instead of hanging until its time limit.
+    state = wait("the job to end", lambda: (s := job.get_info(mode="force").get("State")) and
                   not s.startswith(("RUNNING", "PENDING", "REQUEU", "COMPLETING")) and s, timeout=300, every=3)
     ended_after = time.monotonic() - killed_at
     assert state.startswith("FAILED"), state
-    resume_from = max(_steps(run))
+    resume_from = max(steps(run))
     assert resume_from < 44 * epochs
     # Requeue it as SLURM would after a node failure. The failed attempt left rank 0's error
     # result; the requeued attempt writes the real one.
@@ -170,7 +130,7 @@ def test_killed_rank_ends_the_job_and_the_requeued_job_resumes(
     subprocess.run(["scontrol", "requeue", job.job_id], check=True)
     # Until the controller has moved it, the job still reads FAILED, and job.results() would take
     # that final state for the answer and give up waiting for a result file.
-    _wait("the job to leave FAILED", lambda: (s := job.get_info(mode="force").get("State")) and
+    wait("the job to leave FAILED", lambda: (s := job.get_info(mode="force").get("State")) and
           not s.startswith("FAILED") and s, timeout=120, every=2)
     records = job.results()
     last_attempt = log.read_text().split("Starting with JobEnvironment")[-1]
