@@ -241,7 +241,7 @@ class TrainingJob:
         import submitit
 
         from . import distributed as D
-        from .checkpoint import Preempted
+        from .training.signals import Preempted
 
         dist_env = submitit.helpers.TorchDistributedEnvironment()
         # CUDA_VISIBLE_DEVICES is chosen here, from SLURM's list (see select_visible_gpu).
@@ -271,7 +271,7 @@ class TrainingJob:
         """
         from submitit.core.job_environment import JobEnvironment, SignalHandler
 
-        from .checkpoint import EXIT_PREEMPTED
+        from .training.signals import EXIT_PREEMPTED
 
         if rank != 0:
             print(f"rank {rank}: {stop}; rank 0 requeues the job", flush=True)

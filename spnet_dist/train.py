@@ -11,24 +11,22 @@ handed to DeepSpeed: it gets no gradients and must stay bit-identical on every r
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from . import checkpoint as C
 from . import distributed as D
-from .checkpoint import Preempted, ResumeMismatch, TrainingDiverged
+from .checkpoint import CheckpointError, ResumeMismatch, TrainState
+from .run_dir import RunDirectory
+from .training.reproducibility import seed_everything, set_deterministic
+from .training.signals import EXIT_DIVERGED, EXIT_PREEMPTED, Preempted, StopSignals, TrainingDiverged
 from .config import Config, deepspeed_config, micro_batch_size, parse_args, save_config, to_dict
 from .data import build_datasets, build_loaders  # build_datasets: re-exported for tests and tools
 from .engine import autocast_context, build_engine, engine_step, is_boundary
@@ -42,24 +40,6 @@ from .teacher import EMATeacher
 
 
 __all__ = ["TrainState", "SPNetStep", "Trainer", "Preempted", "TrainingDiverged", "main", "cli"]
-
-
-@dataclass
-class TrainState:
-    """All counters in one place; checkpoints save exactly this (trainer_state.json)."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # optimizer steps taken
-    batch_in_epoch: int = 0  # micro-batches every rank consumed in the current epoch
-    bad_steps: int = 0  # optimizer steps with a non-finite loss (summed over ranks)
-    best_top1: Optional[float] = None  # best evaluation so far and its checkpoint
-    best_tag: Optional[str] = None
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def clamp_gradients_(parameters: Sequence[torch.nn.Parameter], limit: float) -> None:
@@ -282,7 +262,7 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._undo_deterministic = C.set_deterministic(cfg.run.deterministic)  # before any CUDA/cuBLAS call
+        self._undo_deterministic = set_deterministic(cfg.run.deterministic)  # before any CUDA/cuBLAS call
         try:
             self._set_up()
         except BaseException:
@@ -297,7 +277,8 @@ class Trainer:
         self.dist = D.init_distributed(cfg.engine.backend, timeout=timedelta(minutes=cfg.engine.timeout_min))
         self.device = self.dist.device
         self.out_dir = out_dir = Path(cfg.run.out_dir)
-        self.ckpt_dir = out_dir / C.CHECKPOINTS
+        self.run_dir = RunDirectory(out_dir)
+        self.ckpt_dir = self.run_dir.checkpoints
         # ============ run directory: a fresh run, or resume (rank 0 decides, every rank obeys) ============
         self.resume_from = self._plan_run_directory()
         self.log = RunLogger(out_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard,
@@ -307,7 +288,7 @@ class Trainer:
         micro = micro_batch_size(cfg, self.dist.world_size)
         self.train_loader, self.val_loader = build_loaders(
             cfg.data, micro, self.dist.rank, self.dist.world_size, cfg.run.seed, device=self.device,
-            channels_last=getattr(cfg.engine, "channels_last", False), listing_path=out_dir / "data_files.json",
+            channels_last=getattr(cfg.engine, "channels_last", False), listing_path=self.run_dir.data_files,
         )
         self.steps_per_epoch = len(self.train_loader) // cfg.engine.grad_accum
         if self.steps_per_epoch == 0:
@@ -331,7 +312,7 @@ class Trainer:
         # Gumbel noise and dropout differ per rank (different samples anyway), reproducibly.
         seed_everything(cfg.run.seed + 1000 * (self.dist.rank + 1))
         self.state = TrainState()
-        self.signals = C.StopSignals()
+        self.signals = StopSignals()
         # Device-side count of non-finite losses since the last check: no host sync per step.
         self._bad = torch.zeros((), dtype=torch.int64, device=self.device)
         self._epoch_sums: Optional[dict[str, Any]] = None  # a resumed epoch's running sums
@@ -353,7 +334,7 @@ class Trainer:
         if self.dist.is_main:
             try:
                 plan = C.plan_resume(out_dir, cfg.run.resume, to_dict(cfg))
-            except (FileExistsError, ResumeMismatch, C.CheckpointError) as err:
+            except (FileExistsError, ResumeMismatch, CheckpointError) as err:
                 error = err
         plan, error = D.broadcast_object((plan, error))
         if error is not None:
@@ -366,11 +347,11 @@ class Trainer:
                 print(f"removed {self.ckpt_dir / name} (a checkpoint save that was interrupted)", flush=True)
             # Records a resumed run will write again (evaluated after the checkpoint was sealed).
             saved = C.read_state(plan.checkpoint)["train_state"] if plan.checkpoint else {"epoch": 0, "step": 0}
-            C.truncate_metrics(out_dir / "metrics.jsonl", saved["epoch"], saved["step"])
+            self.run_dir.truncate_metrics(saved["epoch"], saved["step"])
             # Everything logged up to the checkpoint's step stands (its evaluation included: the
             # epoch-end checkpoint is sealed after it); later events are about to be logged again.
             self._restart_step = saved["step"] + 1 if plan.existing or plan.checkpoint else None
-            save_config(self.cfg, out_dir / "config.yaml")  # the resolved config of this attempt
+            save_config(self.cfg, self.run_dir.config)  # the resolved config of this attempt
             if plan.checkpoint is not None:
                 print(f"resuming from {plan.checkpoint}", flush=True)
             elif plan.existing:
@@ -380,61 +361,37 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         """Load engine, teacher, counters, RNG and loader position from checkpoint ``path``."""
-        saved = C.read_state(path)
         # The newest good checkpoint until this attempt saves one: `final` points to it if a
         # preempted attempt had saved the last step but stopped before pointing `final`.
         self._last_tag = Path(path).resolve().name  # a step directory, never an alias
         rank, world = self.dist.rank, self.dist.world_size
-        same_world = saved["world_size"] == world
-        # DeepSpeed's ZeRO-1/2 optimizer shards are tied to the data-parallel world size (a
-        # 2-rank ZeRO-2 checkpoint raises on 1 rank) and its universal-checkpoint converter only
-        # knows Adam's exp_avg/exp_avg_sq (docs/library-facts.md). On a world-size change the
-        # documented fallback keeps weights, teacher, step and LR schedule; SGD's momentum buffer
-        # restarts from zero (ZeRO 0 keeps it: its optimizer state is not sharded).
-        keep_optimizer = same_world or self.cfg.engine.zero_stage == 0
-        load_path, _ = self.engine.load_checkpoint(str(path.parent), tag=path.name,
-                                                   load_optimizer_states=keep_optimizer,
-                                                   load_lr_scheduler_states=True)
-        if load_path is None:
-            raise C.CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
-        self.state = TrainState(**saved["train_state"])
+        snap = C.load_snapshot(path, self.engine, rank=rank, world_size=world, device=self.device)
+        self.state = snap.state
         if self.teacher is not None:
-            from safetensors.torch import load_file
-
-            self.teacher.load_state_dict({"module": load_file(str(path / C.TEACHER_FILE), device=str(self.device)),
-                                          **saved["teacher"]})
-        if same_world:
-            mine = C.read_rank_state(path, rank)
-            C.restore_rng(mine["rng"], self.device)
-        else:
-            # Ranks no longer map one to one: every rank takes rank 0's loader position (global,
-            # converted below) and a fresh per-rank seed derived from the step.
-            mine = C.read_rank_state(path, 0)
+            self.teacher.load_state_dict({"module": snap.teacher.weights, "momentum": snap.teacher.momentum,
+                                          "num_updates": snap.teacher.num_updates})
+        if snap.rank.rng is not None:
+            C.restore_rng(snap.rank.rng, self.device)
+        else:  # another world size: a fresh per-rank seed derived from the step
             seed_everything(self.cfg.run.seed + 1000 * (rank + 1) + 7919 * self.state.step)
-        self.train_loader.load_state_dict(mine["loader"])
+        self.train_loader.load_state_dict(snap.rank.loader)
         # The loader's position is the truth for the current epoch (a world-size change converts
         # it through the global sample count, see TrainLoader.load_state_dict).
         position = self.train_loader.state_dict()
         self.state.batch_in_epoch = position["batches_seen"] if position["epoch"] == self.state.epoch else 0
         if self.state.batch_in_epoch:
-            sums = mine["epoch_sums"]
-            if not same_world:  # rank 0 carries every old rank's sums and counts, the others none
-                parts = [C.read_rank_state(path, r)["epoch_sums"] for r in range(saved["world_size"])]
-                sums = {"terms": {k: sum(p["terms"][k] for p in parts) for k in parts[0]["terms"]},
-                        "micro_batches": sum(p["micro_batches"] for p in parts),
-                        "images": sum(p["images"] for p in parts), "seconds": parts[0]["seconds"]}
-                if rank != 0:
-                    sums = {"terms": {k: 0.0 for k in sums["terms"]}, "micro_batches": 0, "images": 0,
-                            "seconds": sums["seconds"]}
-            self._epoch_sums = sums
-        threads = saved.get("num_threads")
+            sums = snap.rank.epoch_sums
+            self._epoch_sums = {"terms": sums.terms, "micro_batches": sums.micro_batches, "images": sums.images,
+                                "seconds": sums.seconds}
+        threads = snap.num_threads
         if self.cfg.run.deterministic and threads not in (None, torch.get_num_threads()):
             self.log.print(f"warning: the checkpoint was written with {threads} intra-op threads, this "
                            f"run uses {torch.get_num_threads()}: CPU results may differ in the last bits")
+        same_world = snap.world_size == world
         self.log.print(f"resumed from {path.name}: epoch {self.state.epoch}, step {self.state.step}, "
                        f"micro-batch {self.state.batch_in_epoch} of the epoch"
-                       + ("" if same_world else f" (world size {saved['world_size']} -> {world}: "
-                          + ("optimizer state kept" if keep_optimizer else "SGD momentum restarts from zero") + ")"))
+                       + ("" if same_world else f" (world size {snap.world_size} -> {world}: "
+                          + ("optimizer state kept" if snap.optimizer_loaded else "SGD momentum restarts from zero") + ")"))
 
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         terms, stepped = self.step_fn(images, targets)
@@ -547,49 +504,28 @@ class Trainer:
             self.log.print(f"warning: step {self.state.step}: non-finite losses since the last check; "
                            "no checkpoint written")
             return None
-        from safetensors.torch import save_file
-
-        rank, tag = self.dist.rank, C.step_tag(self.state.step)
-        tmp_name = C.tmp_dir_name(tag)
-        tmp = self.ckpt_dir / tmp_name
+        tag = C.step_tag(self.state.step)
         is_best = record is not None and (self.state.best_top1 is None or record["top1"] > self.state.best_top1)
         if is_best:
             self.state.best_top1, self.state.best_tag = record["top1"], tag
-        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tmp_name, client_state={}, save_latest=False)
         mid_epoch = self.state.batch_in_epoch > 0  # else the epoch's sums were already reduced
-        C.write_json(tmp / C.rank_file(rank), {
-            "rng": C.capture_rng(self.device),
-            "loader": self.train_loader.state_dict(),
-            "epoch_sums": {"terms": {k: float(v) for k, v in self._epoch_term_sums.items()},
-                           **self._epoch_counts, "seconds": time.perf_counter() - self._epoch_start}
-            if mid_epoch else None,
-        })
-        if self.dist.is_main:
-            if self.teacher is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.teacher.module.state_dict().items()},
-                          str(tmp / C.TEACHER_FILE))
-            teacher = self.teacher.state_dict() if self.teacher is not None else None
-            C.write_json(tmp / C.STATE_FILE, {
-                "train_state": dataclasses.asdict(self.state),
-                "teacher": None if teacher is None else {k: teacher[k] for k in ("momentum", "num_updates")},
-                "config": to_dict(self.cfg),
-                "versions": C.package_versions(),
-                "world_size": self.dist.world_size,
-                "num_threads": torch.get_num_threads(),
-                "steps_per_epoch": self.steps_per_epoch,
-                "scheduler": {"class": type(self.scheduler).__name__, "last_epoch": self.scheduler.last_epoch,
-                              "lr": self.scheduler.get_last_lr()},
-                "global_steps": self.engine.global_steps,
-            })
-        D.barrier()  # every rank closed its files
-        if self.dist.is_main:
-            C.publish(self.ckpt_dir, tmp, tag, self.state.step)
-            if is_best:
-                C.point_alias(self.ckpt_dir, "best", tag)
-            C.prune(self.ckpt_dir, self.cfg.run.keep_checkpoints)
-        D.barrier()
+        sums = C.EpochSums(terms={k: float(v) for k, v in self._epoch_term_sums.items()}, **self._epoch_counts,
+                           seconds=time.perf_counter() - self._epoch_start) if mid_epoch else None
+        teacher = None if self.teacher is None else C.TeacherState(
+            weights=self.teacher.module.state_dict(), momentum=self.teacher.momentum,
+            num_updates=self.teacher.num_updates)
+        snapshot = C.Snapshot(
+            state=self.state,
+            rank=C.RankState(rng=C.capture_rng(self.device), loader=self.train_loader.state_dict(), epoch_sums=sums),
+            teacher=teacher, config=to_dict(self.cfg), world_size=self.dist.world_size,
+            steps_per_epoch=self.steps_per_epoch,
+            scheduler={"class": type(self.scheduler).__name__, "last_epoch": self.scheduler.last_epoch,
+                       "lr": self.scheduler.get_last_lr()},
+            global_steps=self.engine.global_steps)
+        path = C.save_snapshot(self.ckpt_dir, self.engine, snapshot, rank=self.dist.rank, is_main=self.dist.is_main,
+                               keep=self.cfg.run.keep_checkpoints, best=is_best)
         self._last_tag = tag
-        return self.ckpt_dir / tag
+        return path
 
     def evaluate(self) -> dict[str, Any]:
         # BN buffers are already identical across ranks: averaged after every optimizer step.
@@ -638,9 +574,7 @@ class Trainer:
             self.signals.restore()
             self.log.close()
         if not record:  # resumed after the end: the last evaluation is already on disk
-            lines = (self.out_dir / "metrics.jsonl").read_text().splitlines() \
-                if (self.out_dir / "metrics.jsonl").is_file() else []
-            record = json.loads(lines[-1]) if lines else {}
+            record = self.run_dir.last_metrics() or {}
         if record:
             self.log.print("\nResults (final evaluation of the dynamic network, closed blocks skipped)\n"
                            + results_table(record))
@@ -666,15 +600,15 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv, description="Train an SP-Net dynamic-inference ResNet (DeepSpeed, CPU or GPU).")
     try:
         main(cfg)
-    except ResumeMismatch as err:
+    except (ResumeMismatch, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(C.EXIT_DIVERGED) from None
+        raise SystemExit(EXIT_DIVERGED) from None
     except Preempted as err:
         print(str(err), file=sys.stderr, flush=True)
-        raise SystemExit(C.EXIT_PREEMPTED) from None
+        raise SystemExit(EXIT_PREEMPTED) from None
     finally:
         D.destroy()  # an orderly shutdown of the process group (NCCL warns otherwise)
 

@@ -14,6 +14,7 @@ from typing import Iterator, Optional
 import pytest
 
 from spnet_dist import checkpoint as C
+from spnet_dist.checkpoint import store
 from spnet_dist import train
 
 
@@ -35,7 +36,7 @@ def interruptions(signal_step: Optional[int] = None, signum: int = signal.SIGUSR
     mine = rank is None or int(os.environ.get("RANK", 0)) == rank
     with ExitStack() as stack:
         mp = stack.enter_context(pytest.MonkeyPatch.context())
-        original_step, original_eval, original_hash = train.Trainer.train_step, train.Trainer.evaluate, C._sha256
+        original_step, original_eval, original_hash = train.Trainer.train_step, train.Trainer.evaluate, store._sha256
 
         def train_step(self, images, targets):
             terms, stepped = original_step(self, images, targets)
@@ -59,5 +60,5 @@ def interruptions(signal_step: Optional[int] = None, signum: int = signal.SIGUSR
         mp.setattr(train.Trainer, "train_step", train_step)
         mp.setattr(train.Trainer, "evaluate", evaluate)
         if kill_in_save_step is not None:
-            mp.setattr(C, "_sha256", sha256)
+            mp.setattr(store, "_sha256", sha256)
         yield

@@ -12,7 +12,8 @@ import torchvision
 from safetensors.torch import load_file
 
 from spnet_dist import eval_model, export
-from spnet_dist.config import save_config
+from spnet_dist import checkpoint as C
+from spnet_dist.config import save_config, to_dict
 from spnet_dist.export import ExportError
 from spnet_dist.inference import load_model
 
@@ -145,23 +146,24 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_
 
     run, ckpt = broken_copy("no-tag")
     refused(run, "no such checkpoint", "--tag", "step_00000099")
+    # Every file is checked against the checkpoint's marker before anything is read.
     run, ckpt = broken_copy("rank-missing")
     (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    refused(run, "step_00000008: incomplete ZeRO checkpoint (Expected 2")
+    refused(run, "step_00000008: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing")
     run, ckpt = broken_copy("truncated")
     model_states = ckpt / "mp_rank_00_model_states.pt"
     model_states.write_bytes(model_states.read_bytes()[:5000])
-    refused(run, "mp_rank_00_model_states.pt: partial or corrupted")
+    refused(run, "step_00000008: mp_rank_00_model_states.pt has 5000 bytes")
     run, ckpt = broken_copy("no-model-states")
     (ckpt / "mp_rank_00_model_states.pt").unlink()
-    refused(run, "mp_rank_00_model_states.pt: missing")
+    refused(run, "step_00000008: mp_rank_00_model_states.pt is missing")
     run, ckpt = broken_copy("other-arch")
     config = (run / "config.yaml").read_text().replace("spnet_cifar_resnet20", "spnet_cifar_resnet32")
     (run / "config.yaml").write_text(config)
     refused(run, "step_00000008: weights do not fit GatedCifarResNet (missing 126")
     run, ckpt = broken_copy("bad-teacher")
     (ckpt / "teacher.safetensors").write_bytes(b"\x00" * 100)
-    refused(run, "teacher.safetensors: corrupted", "--weights", "teacher")
+    refused(run, "step_00000008: teacher.safetensors has 100 bytes", "--weights", "teacher")
 
     before = (zero2_export / "model.safetensors").read_bytes()
     line = _error_line(_export_cli("--run", zero2_run, "--out", zero2_export))
@@ -214,7 +216,10 @@ def test_resnet50_static_export_loads_strictly_into_torchvision(own_process_grou
     engine, _, _ = build_engine(model, cfg.optim, cfg.schedule, deepspeed_config(cfg, 1), steps_per_epoch=1)
     run = tmp_path / "run"
     save_config(cfg, run / "config.yaml")
-    engine.save_checkpoint(str(run / "checkpoints"), tag="final")
+    snapshot = C.Snapshot(state=C.TrainState(), rank=C.RankState(rng=None, loader={}), teacher=None,
+                          config=to_dict(cfg), world_size=1, steps_per_epoch=1)
+    saved = C.save_snapshot(run / "checkpoints", engine, snapshot, rank=0, is_main=True, keep=1)
+    C.point_alias(run / "checkpoints", "final", saved.name)
 
     static = export.export(run, tmp_path / "static", static=True)
     backbone = torchvision.models.resnet50()
@@ -234,3 +239,58 @@ def test_resnet50_static_export_loads_strictly_into_torchvision(own_process_grou
     with pytest.raises(ExportError, match="--static: spnet_cifar_resnet20 has no torchvision equivalent"):
         cfg.model.name = "spnet_cifar_resnet20"
         export.static_state("spnet_cifar_resnet20", gated, 10)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, digits_root):
+    """A 1-rank ZeRO-1 run of 4 steps with checkpoints at steps 2 and 4 (`final`)."""
+    from spnet_dist import distributed as D
+    from spnet_dist.config import load_config
+    from spnet_dist.train import Trainer
+
+    run = tmp_path_factory.mktemp("swap") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            mp.delenv(var, raising=False)
+        D.destroy()
+        cfg = load_config(DEMO, tiny_overrides(digits_root, run) + [
+            "engine.zero_stage=1", "run.max_steps=4", "run.checkpoint_every=2", "run.tensorboard=false"])
+        trainer = Trainer(cfg)
+        try:
+            trainer.fit()
+        finally:
+            trainer._undo_deterministic()
+            D.destroy()
+    return run
+
+
+@pytest.mark.slow
+def test_a_swapped_deepspeed_file_is_refused_by_export_and_skipped_by_resume(two_checkpoints, digits_root,
+                                                                            tmp_path, own_process_group, capfd):
+    from spnet_dist import checkpoint as C
+    from spnet_dist.config import load_config
+    from spnet_dist.train import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)
+    older, newest = run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000004"
+    assert C.resolve_checkpoint(run, "final") == newest
+    # Another valid DeepSpeed file of the same run (a valid zip: its CRCs pass), wrong SHA-256.
+    swapped = newest / C.MODEL_STATES
+    swapped.write_bytes((older / C.MODEL_STATES).read_bytes())
+    out = tmp_path / "out"
+    line = _error_line(_export_cli("--run", run, "--out", out))
+    assert f"step_00000004: {C.MODEL_STATES} fails its SHA-256 check" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing written
+
+    capfd.readouterr()
+    cfg = load_config(DEMO, tiny_overrides(digits_root, run) + [
+        "engine.zero_stage=1", "run.max_steps=6", "run.checkpoint_every=2", "run.tensorboard=false"])
+    trainer = Trainer(cfg)
+    try:
+        printed = capfd.readouterr()
+        assert "step_00000004" in printed.err and C.MODEL_STATES in printed.err  # named, skipped
+        assert "resumed from step_00000002" in printed.out
+        assert trainer.state.step == 2
+    finally:
+        trainer._undo_deterministic()

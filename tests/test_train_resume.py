@@ -8,6 +8,7 @@ import torch
 
 from spnet_dist import checkpoint as C
 from spnet_dist import train
+from spnet_dist.training.signals import EXIT_DIVERGED, EXIT_PREEMPTED
 
 from .conftest import REPO_ROOT, tiny_overrides
 from .resume_hooks import interruptions
@@ -35,7 +36,7 @@ def _snapshot(directory: Path) -> dict:
 def test_preempted_exit_status_unsafe_change_refused_safe_change_resumes(digits_root, tmp_path, capsys):
     out = tmp_path / "run"
     with interruptions(signal_step=2):
-        assert _cli(digits_root, out, "run.stop_check_every=1") == C.EXIT_PREEMPTED
+        assert _cli(digits_root, out, "run.stop_check_every=1") == EXIT_PREEMPTED
     assert "stopped by SIGUSR2" in capsys.readouterr().err
     assert C.resolve_checkpoint(out).name == "step_00000002"
 
@@ -86,7 +87,7 @@ def test_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(digits_roo
 
     monkeypatch.setattr(train.Trainer, "train_step", poisoned)
     status = _cli(digits_root, out, "run.max_bad_steps=2", "run.stop_check_every=1", "run.checkpoint_every=2")
-    assert status == C.EXIT_DIVERGED
+    assert status == EXIT_DIVERGED
     err = capsys.readouterr()
     assert "3 steps with a non-finite loss (run.max_bad_steps=2) by step 5" in err.err
     assert "step 4: non-finite losses since the last check; no checkpoint written" in err.out
@@ -149,7 +150,7 @@ def test_a_run_preempted_after_its_last_checkpoint_gets_its_final_alias_on_resum
     # before `final` is pointed. The next attempt has nothing left to train and must point it.
     out = tmp_path / "run"
     with interruptions(eval_epoch=1):
-        assert _cli(digits_root, out) == C.EXIT_PREEMPTED
+        assert _cli(digits_root, out) == EXIT_PREEMPTED
     assert C.resolve_checkpoint(out).name == "step_00000006"
     assert not (out / "checkpoints" / "final").exists()
     assert _cli(digits_root, out) == 0

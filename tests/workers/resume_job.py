@@ -15,10 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from safetensors.torch import save_file  # noqa: E402
 
-from spnet_dist import checkpoint as C  # noqa: E402
 from spnet_dist import distributed as D  # noqa: E402
 from spnet_dist import train  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
+from spnet_dist.training.signals import EXIT_PREEMPTED  # noqa: E402
 from tests.resume_hooks import interruptions  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     except train.Preempted as err:
         print(err, flush=True)
         D.destroy()
-        raise SystemExit(C.EXIT_PREEMPTED)
+        raise SystemExit(EXIT_PREEMPTED)
     if a.save_weights:
         out = Path(a.save_weights)
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,1 @@
+"""The trainer (being moved here from spnet_dist/train.py)."""
