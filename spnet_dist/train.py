@@ -519,7 +519,8 @@ class Trainer:
             rank=C.RankState(rng=C.capture_rng(self.device), loader=self.train_loader.state_dict(), epoch_sums=sums),
             teacher=teacher, config=to_dict(self.cfg), world_size=self.dist.world_size,
             steps_per_epoch=self.steps_per_epoch,
-            scheduler={"class": type(self.scheduler).__name__, "last_epoch": self.scheduler.last_epoch,
+            # ChainedScheduler (multistep + warm-up) has no last_epoch of its own
+            scheduler={"class": type(self.scheduler).__name__, "last_epoch": getattr(self.scheduler, "last_epoch", None),
                        "lr": self.scheduler.get_last_lr()},
             global_steps=self.engine.global_steps)
         path = C.save_snapshot(self.ckpt_dir, self.engine, snapshot, rank=self.dist.rank, is_main=self.dist.is_main,

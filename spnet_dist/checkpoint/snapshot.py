@@ -24,6 +24,7 @@ import torch
 
 from .. import distributed as D
 from .layout import STATE_FILE, TEACHER_FILE, rank_file, step_tag, tmp_dir_name
+from .safe_load import engine_loads_safely
 from .store import CheckpointError, point_alias, prune, publish, read_json, read_state, write_json
 
 __all__ = [
@@ -224,8 +225,9 @@ def load_snapshot(path: Path, engine: Any, *, rank: int, world_size: int, device
     saved = read_state(path)
     same_world = saved["world_size"] == world_size
     keep_optimizer = same_world or engine.zero_optimization_stage() == 0
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=keep_optimizer,
-                                          load_lr_scheduler_states=True)
+    with engine_loads_safely(engine):  # DeepSpeed's own loads: weights_only=True, allow-listed classes
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name,
+                                              load_optimizer_states=keep_optimizer, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load it")
     teacher = None

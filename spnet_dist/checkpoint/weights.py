@@ -8,7 +8,8 @@ entry of the model-state file, which is what DeepSpeed's engine itself loads for
 (docs/library-facts.md). The teacher is our own safetensors file.
 
 Callers pass a checkpoint returned by :func:`~spnet_dist.checkpoint.store.resolve_checkpoint`
-(validated against its marker).
+(validated against its marker). DeepSpeed's files are opened with ``weights_only=True``
+(:mod:`spnet_dist.checkpoint.safe_load`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .layout import MODEL_STATES, TEACHER_FILE
+from .safe_load import consolidation_loads_safely, load
 from .store import CheckpointError, read_state
 
 __all__ = ["student_weights", "teacher_weights"]
@@ -34,21 +36,19 @@ def student_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     zero_stage = int(read_state(ckpt)["config"]["engine"]["zero_stage"])
     if zero_stage == 0:
         path = ckpt / MODEL_STATES
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise CheckpointError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
+        state = load(path)
         if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
             raise CheckpointError(f"{path}: no 'module' state dict; not a DeepSpeed model-state file")
         return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     chatter = io.StringIO()  # DeepSpeed prints progress bars and notes: keep errors one line
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with consolidation_loads_safely() as consolidate, \
+                contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            state = consolidate(str(ckpt.parent), tag=ckpt.name)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        if isinstance(err, CheckpointError):  # a refused file: already one line naming it
+            raise
         # e.g. "Expected 2 of '*_optim_states.pt' ... but found 1 files" (a rank never saved)
         raise CheckpointError(f"{ckpt}: incomplete ZeRO checkpoint ({' '.join(str(err).split())})") from None
     return dict(state)
