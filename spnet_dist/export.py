@@ -126,7 +126,7 @@ def export_config(cfg: Config, slim: GatedResNet, weights: str = "student", stat
     if record is not None:
         measured = {k: record.get(k) for k in ("epoch", "step", "top1", "gmacs", "gmacs_paper", "static_gmacs",
                                                "mac_ratio", "exec_rate", "exec_rates", "images")}
-        measured["source"] = "last record of metrics.jsonl (evaluation of the student, closed blocks skipped)"
+        measured["source"] = f"last record of {RunDirectory.METRICS} (evaluation of the student, closed blocks skipped)"
     return {
         "format": EXPORT_FORMAT,
         "static": static,
@@ -237,7 +237,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "final", weights: st
     if weights not in ("student", "teacher"):
         raise ExportError(f"--weights: must be 'student' or 'teacher', got {weights!r}")
     check_out(out)
-    config_path = run_dir / "config.yaml"
+    config_path = RunDirectory(run_dir).config
     if not config_path.is_file():
         raise ExportError(f"{config_path}: not found (is {run_dir} a run directory?)")
     try:

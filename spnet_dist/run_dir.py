@@ -54,11 +54,16 @@ def replace_text(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, drop_torn: bool = False) -> list[dict[str, Any]]:
     """The records of a JSON-lines file; [] if it does not exist.
 
     A torn last line (a process killed while appending) is ignored with a warning; an unparsable
     line before it raises :class:`MetricsError` naming the file and the line number.
+
+    Args:
+        path: the file.
+        drop_torn: also remove a torn last line from the file (atomically), so that the next
+            append starts a line of its own instead of continuing the fragment.
     """
     path = Path(path)
     if not path.is_file():
@@ -71,6 +76,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as err:
             if k == len(numbered) - 1:
                 warnings.warn(f"{path}:{lineno}: torn last line ignored (a write was interrupted)", stacklevel=2)
+                if drop_torn:
+                    replace_text(path, "".join(f"{text}\n" for _, text in numbered[:-1]))
                 break
             raise MetricsError(f"{path}:{lineno}: not a JSON record ({err}); only a torn last line is "
                                "tolerated") from None

@@ -281,7 +281,7 @@ class Trainer:
         self.ckpt_dir = self.run_dir.checkpoints
         # ============ run directory: a fresh run, or resume (rank 0 decides, every rank obeys) ============
         self.resume_from = self._plan_run_directory()
-        self.log = RunLogger(out_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard,
+        self.log = RunLogger(self.run_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard,
                              purge_step=self._restart_step)
 
         # ============ data: rank 0 prepares and scans, the others read its file list ============

@@ -294,3 +294,18 @@ def test_a_swapped_deepspeed_file_is_refused_by_export_and_skipped_by_resume(two
         assert trainer.state.step == 2
     finally:
         trainer._undo_deterministic()
+
+
+@pytest.mark.slow
+def test_export_reads_metrics_by_the_run_directorys_rule(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)
+    metrics = run / "metrics.jsonl"
+    record = json.loads(metrics.read_text().splitlines()[-1])
+    metrics.write_text(metrics.read_text() + '{"epoch": 2, "ste')  # killed during an append
+    out = export.export(run, tmp_path / "torn")
+    assert json.loads((out / "config.json").read_text())["measured"]["step"] == record["step"]
+    metrics.write_text('{"epo\n' + json.dumps(record) + "\n")  # a record lost in the middle
+    line = _error_line(_export_cli("--run", run, "--out", tmp_path / "middle"))
+    assert f"{metrics}:1: not a JSON record" in line, line
+    assert not (tmp_path / "middle").exists()
