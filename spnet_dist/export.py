@@ -29,6 +29,7 @@ import torch
 from .checkpoint import TEACHER_FILE, CheckpointError, resolve_checkpoint, student_weights, teacher_weights
 from .config import IMAGENET_MODELS, Config, ConfigError, load_config, to_dict
 from .inference import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, load_state_strict
+from .models.from_config import build_model
 from .models.resnet import GatedResNet
 from .run_dir import MetricsError, RunDirectory
 
@@ -72,8 +73,6 @@ def _versions() -> dict[str, Optional[str]]:
 
 def training_model(cfg: Config) -> GatedResNet:
     """The student exactly as the trainer built it (stage heads, block aligners), random weights."""
-    from .train import build_model
-
     arch = copy.deepcopy(cfg)
     arch.model.torchvision_weights = None  # only an initialisation; the checkpoint overwrites it
     return build_model(arch)

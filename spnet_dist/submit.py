@@ -1,7 +1,7 @@
 """Submit spnet-train as a SLURM job through submitit (``launch/submit.py`` is its command line).
 
 The job is the config file's run plus its ``slurm:`` section: ``nodes`` x one task per GPU,
-each task calling the same :func:`spnet_dist.train.main` that ``spnet-train`` calls. The
+each task calling the same :func:`spnet_dist.training.main` that ``spnet-train`` calls. The
 submitted callable, :class:`TrainingJob`, is checkpointable in submitit's sense, but it saves
 nothing itself: the trainer saves on the signal. One attempt goes
 
@@ -36,7 +36,7 @@ from .config import Config, ConfigError, SlurmConfig, add_config_arguments, load
 __all__ = ["TrainingJob", "tasks_per_node", "world_size", "validate_slurm", "submitit_folder",
            "slurm_parameters", "sbatch_script", "build_executor", "select_visible_gpu", "submit", "cli"]
 
-DEFAULT_ENTRY = "spnet_dist.train:main"
+DEFAULT_ENTRY = "spnet_dist.training:main"
 
 # sbatch options the slurm section owns (or submitit writes itself); slurm.sbatch_args may not
 # repeat them, so the section stays the one place that says how big and how long the job is.
@@ -229,7 +229,7 @@ class TrainingJob:
 
     Args:
         cfg: the run's config (slurm section included); pickled into the job.
-        entry: ``"module:function"`` taking the config. ``spnet_dist.train:main`` for real runs;
+        entry: ``"module:function"`` taking the config. ``spnet_dist.training:main`` for real runs;
             tests substitute a small stand-in with the same contract.
     """
 

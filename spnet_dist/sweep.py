@@ -32,7 +32,6 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import json
-import math
 import os
 import statistics
 import subprocess

@@ -178,7 +178,7 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_
 
 @pytest.mark.slow
 def test_zero0_checkpoint_round_trip(tiny_config, own_process_group, tmp_path):
-    from spnet_dist.train import Trainer
+    from spnet_dist.training import Trainer
 
     cfg = tiny_config("engine.zero_stage=0", "run.max_steps=3")
     trainer = Trainer(cfg)
@@ -200,7 +200,7 @@ def test_zero0_checkpoint_round_trip(tiny_config, own_process_group, tmp_path):
 @pytest.mark.slow
 def test_resnet50_static_export_loads_strictly_into_torchvision(own_process_group, tmp_path):
     from spnet_dist.engine import build_engine
-    from spnet_dist.config import deepspeed_config
+    from spnet_dist.engine import deepspeed_config
     from spnet_dist.models import create_model, load_torchvision_weights
 
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def two_checkpoints(tmp_path_factory, digits_root):
     """A 1-rank ZeRO-1 run of 4 steps with checkpoints at steps 2 and 4 (`final`)."""
     from spnet_dist import distributed as D
     from spnet_dist.config import load_config
-    from spnet_dist.train import Trainer
+    from spnet_dist.training import Trainer
 
     run = tmp_path_factory.mktemp("swap") / "run"
     with pytest.MonkeyPatch.context() as mp:
@@ -269,7 +269,7 @@ def test_a_swapped_deepspeed_file_is_refused_by_export_and_skipped_by_resume(two
                                                                             tmp_path, own_process_group, capfd):
     from spnet_dist import checkpoint as C
     from spnet_dist.config import load_config
-    from spnet_dist.train import Trainer
+    from spnet_dist.training import Trainer
 
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run, symlinks=True)

@@ -35,11 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from spnet_dist import distributed as D
-from spnet_dist import losses, train
+from spnet_dist import losses
 from spnet_dist.config import load_config
 from spnet_dist.device_audit import HostSyncCounter
 from spnet_dist.teacher import EMATeacher
-from spnet_dist.train import SPNetStep, build_model, seed_everything
+from spnet_dist.models.from_config import build_model
+from spnet_dist.training import step as step_module
+from spnet_dist.training.reproducibility import seed_everything
+from spnet_dist.training.step import SPNetStep
 
 REPO = Path(__file__).resolve().parents[1]
 VANILLA = ["teacher.enabled=false", "loss.alpha=0", "loss.beta=0", "loss.stage_heads=false",
@@ -87,7 +90,7 @@ def _ds_config_before(*args, **kwargs) -> dict:
     return ds
 
 
-train_deepspeed_config = train.deepspeed_config
+train_deepspeed_config = step_module.deepspeed_config
 
 
 # ------------------------------------------------------------------ variants
@@ -98,7 +101,7 @@ class Variant:
         self.label = label
         self.before = before
         seed_everything(0)
-        patches = [mock.patch.object(train, "deepspeed_config", _ds_config_before),
+        patches = [mock.patch.object(step_module, "deepspeed_config", _ds_config_before),
                    mock.patch("spnet_dist.teacher.remove_module_hooks", lambda module: None)] if before else []
         with contextlib.ExitStack() as stack:
             for p in patches:

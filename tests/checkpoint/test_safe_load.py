@@ -31,7 +31,7 @@ def _overrides(digits_root, run, zero, steps):
 
 def _train_here(digits_root, run, zero, steps):
     """One attempt of the trainer in this process (1 rank); returns the trainer."""
-    from spnet_dist.train import Trainer
+    from spnet_dist.training import Trainer
 
     D.destroy()
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
@@ -160,7 +160,7 @@ def test_resume_and_export_on_two_ranks_never_unpickle(digits_root, tmp_path, ze
 @pytest.mark.parametrize("zero,victim", [(0, C.MODEL_STATES), (1, C.optim_states_file(0))])
 def test_a_resealed_file_with_a_foreign_global_is_refused_by_export_and_resume(
         one_rank_runs, digits_root, tmp_path, own_process_group, capsys, zero, victim):
-    from spnet_dist import train
+    from spnet_dist import training
 
     run = tmp_path / "run"
     shutil.copytree(one_rank_runs[zero], run, symlinks=True)
@@ -180,7 +180,7 @@ def test_a_resealed_file_with_a_foreign_global_is_refused_by_export_and_resume(
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         os.environ.pop(var, None)
     with pytest.raises(SystemExit) as exit_:
-        train.cli(["--config", DEMO, *_overrides(digits_root, run, zero, 3)])
+        training.cli(["--config", DEMO, *_overrides(digits_root, run, zero, 3)])
     assert exit_.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and f"{ckpt / victim}: refused to unpickle posix.system" in last, last

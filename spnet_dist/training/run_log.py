@@ -13,7 +13,7 @@ from typing import Any, Mapping, Optional, Union
 
 from tqdm import tqdm
 
-from .run_dir import RunDirectory
+from ..run_dir import RunDirectory
 
 
 class RunLogger:
