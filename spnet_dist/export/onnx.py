@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .models.resnet import GatedResNet
+from ..models.resnet import GatedResNet
 
 ONNX_FILE = "model.masked.onnx"
 

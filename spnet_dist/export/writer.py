@@ -26,12 +26,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .checkpoint import TEACHER_FILE, CheckpointError, resolve_checkpoint, student_weights, teacher_weights
-from .config import IMAGENET_MODELS, Config, ConfigError, load_config, to_dict
-from .inference import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, load_state_strict
-from .models.from_config import build_model
-from .models.resnet import GatedResNet
-from .run_dir import MetricsError, RunDirectory
+from ..checkpoint import TEACHER_FILE, CheckpointError, resolve_checkpoint, student_weights, teacher_weights
+from ..config import IMAGENET_MODELS, Config, ConfigError, load_config, to_dict
+from ..inference import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, load_state_strict
+from ..models.from_config import build_model
+from ..models.resnet import GatedResNet
+from ..run_dir import MetricsError, RunDirectory
 
 TAGS_HELP = "final | best | latest | <tag> (a directory under RUN/checkpoints)"
 TORCHVISION_NAMES = {"spnet_resnet50": "resnet50", "spnet_resnet101": "resnet101"}
@@ -45,7 +45,7 @@ _VERSIONED = ("torch", "torchvision", "timm", "safetensors", "deepspeed", "spnet
 
 def _class_names(cfg: Config) -> Optional[list[str]]:
     # The class folders of an ImageNet-layout root give the label order the trainer used.
-    from .data import DEFAULT_DIGITS_ROOT
+    from ..data import DEFAULT_DIGITS_ROOT
 
     if cfg.data.format == "cifar":
         return None
@@ -113,8 +113,8 @@ def export_config(cfg: Config, slim: GatedResNet, weights: str = "student", stat
         run_dir: the run directory (its last metrics record is copied); None: not from a run.
         ckpt: the checkpoint directory exported.
     """
-    from .data.transforms import CIFAR_MEAN, CIFAR_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, resolve_augment
-    from .flops import profile_macs
+    from ..data.transforms import CIFAR_MEAN, CIFAR_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, resolve_augment
+    from ..flops import profile_macs
 
     recipe = resolve_augment(cfg.data.augment, cfg.data.format)
     mean, std = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar": (CIFAR_MEAN, CIFAR_STD)}.get(recipe, (HALF, HALF))
@@ -264,7 +264,7 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "final", weights: st
     if onnx:
         if static:
             raise ExportError("--onnx: exports the gated network; drop --static")
-        from .export_onnx import ONNX_FILE, export_onnx
+        from .onnx import ONNX_FILE, export_onnx
 
         files[ONNX_FILE] = lambda path: export_onnx(slim, path, cfg.data.image_size)
     write_atomically(out, files)
