@@ -11,11 +11,12 @@ imports the trainer: the network comes from ``spnet_dist.models.from_config``, t
 from ``spnet_dist.checkpoint``, the measured rates from ``spnet_dist.run_dir``.
 
 The writer's names are imported on first use (PEP 562), so that opening an export does not
-import the config, checkpoint and data modules the writer needs.
+import the config, checkpoint and data modules the writer needs. ``spnet_dist.export.cli`` is
+spnet-export's entry point (as in installs made before the package existed).
 """
 from typing import Any
 
-__all__ = ["ExportError", "export", "export_config", "export_module", "static_state"]
+__all__ = ["ExportError", "cli", "export", "export_config", "export_module", "static_state"]
 
 
 def __getattr__(name: str) -> Any:
