@@ -1,4 +1,4 @@
-"""Typed configuration: dataclass schema, YAML loading, dotted overrides, validation, DeepSpeed JSON.
+"""Typed configuration: dataclass schema, YAML loading, dotted overrides, validation.
 
 One config file describes one run. Files may inherit with a top-level ``base: other.yaml`` key
 (resolved relative to the file, recursively, deep-merged) so a paper-table config is a few lines.
@@ -6,8 +6,11 @@ Command-line overrides use dotted keys, e.g. ``optim.lr=0.2 schedule.milestones=
 value is parsed with ``yaml.safe_load``.
 
 Every invalid input raises :class:`ConfigError` with one line naming the field and the file (or
-override) it came from. The DeepSpeed JSON is derived here (:func:`deepspeed_config`) and never
-written by hand anywhere else.
+override) it came from. Each field with a fixed set of values has ONE list of choices: the
+module that implements the field owns it (``spnet_dist.losses``, ``spnet_dist.teacher``,
+``spnet_dist.data``, ``spnet_dist.models``) and :data:`CHOICES` imports it; fields only the
+trainer or the engine read are listed here. The DeepSpeed JSON is derived from a config next to
+the engine (``spnet_dist.engine.deepspeed_config``).
 
 This module is pure: importing it or loading a config creates no file and no process group (only
 :func:`save_config` writes), so it is safe to call before ``torch.distributed`` is initialised.
@@ -29,20 +32,24 @@ from typing import Any, Mapping, Sequence, Union
 
 import yaml
 
+from .data import AUGMENTS, BACKENDS, DALI_DEVICES, DATA_FORMATS, ON_CORRUPT
+from .losses import (CLS_FORMS, COST_FORMS, COST_RATES, COST_REDUCTIONS, EVO_STRATEGIES, LOGITS_FORMS,
+                     PATH_FORMS)
+from .models import MODEL_NAMES
+from .teacher import BUFFER_RULES, FORWARD_MODES
+
 __all__ = [
-    "MODEL_NAMES", "IMAGENET_MODELS", "ConfigError",
+    "MODEL_NAMES", "IMAGENET_MODELS", "ZERO_STAGES", "CHOICES", "ConfigError",
     "ModelConfig", "TeacherConfig", "LossConfig", "DataConfig", "OptimConfig", "ScheduleConfig",
     "EngineConfig", "RunConfig", "SlurmConfig", "Config",
-    "load_config", "config_from_dict", "validate", "micro_batch_size", "deepspeed_config", "zero_bucket_size",
+    "load_config", "config_from_dict", "validate", "check_zero_stage", "micro_batch_size",
     "to_dict", "save_config", "add_config_arguments", "config_from_args", "parse_args",
 ]
 
-# Registry names accepted by ``model.name``. Kept here (not imported from spnet_dist.models) so that
-# loading a config never imports torch; tests/test_config.py checks that the registry agrees.
+# The models with a torchvision counterpart (model.torchvision_weights, spnet-export --static).
 IMAGENET_MODELS = ("spnet_resnet50", "spnet_resnet101")
-MODEL_NAMES = IMAGENET_MODELS + (
-    "spnet_cifar_resnet20", "spnet_cifar_resnet32", "spnet_cifar_resnet56", "spnet_cifar_resnet110",
-)
+# ZeRO stage 3 partitions the parameters themselves; the trainer needs whole ones (check_zero_stage).
+ZERO_STAGES = (0, 1, 2)
 
 
 class ConfigError(ValueError):
@@ -314,24 +321,25 @@ _SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 _FIELD_TYPES: dict[str, dict[str, Any]] = {s: typing.get_type_hints(cls) for s, cls in _SECTIONS.items()}
 _ALL_KEYS = [f"{s}.{k}" for s, fields in _FIELD_TYPES.items() for k in fields]
 
+# One list of choices per field: the implementing module's own tuple where it has one.
 CHOICES: dict[str, tuple[Any, ...]] = {
-    "teacher.forward_mode": ("eval", "train"),
-    "teacher.buffers": ("copy", "ema"),
-    "teacher.execution": ("auto", "masked", "skip"),
-    "loss.path_form": ("paper", "code"),
-    "loss.logits_form": ("paper", "code"),
-    "loss.evo_strategy": ("stages", "blocks", "blocks_within_stage", "to_final", "code_cifar", "none"),
-    "loss.cost_form": ("two_sided", "hinge"),
-    "loss.cost_reduction": ("sum", "mean"),
-    "loss.cost_rate": ("probs", "decisions"),
-    "loss.cls_form": ("paper", "code"),
-    "data.format": ("imagefolder", "cifar", "digits", "fashion_mnist"),
-    "data.augment": ("auto", "imagenet", "cifar", "digits", "fashion_mnist", "none"),
-    "data.backend": ("auto", "torchvision", "dali"),
-    "data.dali_device": ("auto", "gpu", "cpu"),
-    "data.on_corrupt": ("error", "skip"),
+    "teacher.forward_mode": FORWARD_MODES,
+    "teacher.buffers": BUFFER_RULES,
+    "teacher.execution": ("auto", "masked", "skip"),  # resolved by the trainer (training.step)
+    "loss.path_form": PATH_FORMS,
+    "loss.logits_form": LOGITS_FORMS,
+    "loss.evo_strategy": EVO_STRATEGIES + ("none",),
+    "loss.cost_form": COST_FORMS,
+    "loss.cost_reduction": COST_REDUCTIONS,
+    "loss.cost_rate": COST_RATES,
+    "loss.cls_form": CLS_FORMS,
+    "data.format": DATA_FORMATS,
+    "data.augment": ("auto",) + AUGMENTS,
+    "data.backend": BACKENDS,
+    "data.dali_device": DALI_DEVICES,
+    "data.on_corrupt": ON_CORRUPT,
     "schedule.kind": ("multistep", "cosine"),
-    "engine.zero_stage": (0, 1, 2),
+    "engine.zero_stage": ZERO_STAGES,
     "engine.precision": ("bf16", "fp16", "fp32"),
     "engine.grad_reduce": ("fp32", "autocast"),
     "engine.backend": ("auto", "nccl", "gloo"),
@@ -602,6 +610,24 @@ def micro_batch_size(cfg: Config, world_size: int | None = None) -> int:
     return eng.global_batch_size // per_step
 
 
+def check_zero_stage(stage: Any) -> None:
+    """Refuse a ZeRO stage the trainer cannot run: the one place stage 3 is refused.
+
+    ZeRO stage 3 partitions the parameters themselves: the EMA teacher reads the full student
+    parameters every step, BN buffers are averaged on whole modules, per-block MACs and export
+    need whole tensors. Stages 0-2 keep full parameters on every rank. Called by :func:`validate`
+    and by ``spnet_dist.engine.check_ds_config`` for every DeepSpeed dict.
+
+    Raises:
+        ConfigError: one line naming ``engine.zero_stage``.
+    """
+    if stage in ZERO_STAGES and not isinstance(stage, bool):
+        return
+    reason = ("ZeRO stage 3 shards parameters, which breaks the EMA teacher, BN-buffer averaging, "
+              "per-block MACs and export" if stage == 3 else "not a DeepSpeed ZeRO stage")
+    raise ConfigError(f"engine.zero_stage: {stage!r} is not supported ({reason}); use 0, 1 or 2", "engine.zero_stage")
+
+
 def _check_types(cfg: Config) -> None:
     # Configs built in Python skip load_config's conversion: check them against the annotations too.
     for section in _SECTIONS:
@@ -634,9 +660,7 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     m, t, lo, d, o, s, e, r = (cfg.model, cfg.teacher, cfg.loss, cfg.data, cfg.optim, cfg.schedule,
                                cfg.engine, cfg.run)
 
-    if e.zero_stage == 3:  # before the generic choice check: this one deserves its reason
-        fail("engine.zero_stage", "3 is not supported (ZeRO stage 3 shards parameters and breaks the "
-                                  "EMA teacher and per-block MACs); use 0, 1 or 2")
+    check_zero_stage(e.zero_stage)  # before the generic choice check: it gives stage 3's reason
     for name, allowed in CHOICES.items():
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)
@@ -766,75 +790,8 @@ def _check_data_root(cfg: Config) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# DeepSpeed JSON and serialisation
+# Serialisation
 # --------------------------------------------------------------------------------------------------
-
-# DeepSpeed's default ZeRO bucket (elements), sized for LLMs: 5e8 fp32 elements = 2 GB of staging.
-DEEPSPEED_DEFAULT_BUCKET = 500_000_000
-
-
-def zero_bucket_size(cfg: Config, num_parameters: int | None) -> int:
-    """Elements per ZeRO reduce / allgather bucket: ``engine.bucket_size``, else the model's size.
-
-    One bucket holding every gradient is the fewest collectives DeepSpeed can issue and costs
-    one model's worth of staging (100 MB fp32 for ResNet-50) instead of 2 GB.
-
-    Args:
-        cfg: the run config.
-        num_parameters: trainable parameter count of the student (None: DeepSpeed's default).
-    """
-    if cfg.engine.bucket_size is not None:
-        return cfg.engine.bucket_size
-    if num_parameters is None:
-        return DEEPSPEED_DEFAULT_BUCKET
-    return max(1, min(int(num_parameters), DEEPSPEED_DEFAULT_BUCKET))
-
-
-def deepspeed_config(cfg: Config, world_size: int | None = None, num_parameters: int | None = None) -> dict:
-    """The DeepSpeed config dict derived from ``cfg`` (the only place it is written).
-
-    Mixed precision goes through ``torch_autocast`` only: DeepSpeed's own ``bf16``/``fp16``
-    sections cast module parameters and break BatchNorm (see docs/library-facts.md).
-    DeepSpeed's throughput timer is switched off: enabled and ``synchronized`` by default, it
-    synchronises the device at every micro-batch; the trainer measures throughput itself.
-
-    Args:
-        cfg: the run config.
-        world_size: data-parallel ranks; None reads ``WORLD_SIZE`` (default 1).
-        num_parameters: the student's trainable parameter count, to size the ZeRO buckets
-            (:func:`zero_bucket_size`); None keeps DeepSpeed's 5e8 unless ``engine.bucket_size``.
-    """
-    e = cfg.engine
-    if e.zero_stage not in (0, 1, 2):
-        validate(cfg, world_size, check_paths=False)  # raises the explanatory ZeRO error
-    zero: dict[str, Any] = {"stage": e.zero_stage}
-    if e.zero_stage in (1, 2):
-        bucket = zero_bucket_size(cfg, num_parameters)
-        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-    if e.zero_stage == 2:
-        # Skipped blocks leave parameters without gradients in a step: ZeRO-2 must tolerate them.
-        zero.update(overlap_comm=False, contiguous_gradients=True, ignore_unused_parameters=True)
-    autocast_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[e.precision]
-    autocast: dict[str, Any] = {"enabled": e.precision != "fp32", "dtype": autocast_dtype}
-    if e.grad_reduce == "fp32":
-        # Under torch_autocast, ZeRO all-reduces the gradients of the module classes listed here
-        # in the autocast dtype (default: Linear, Conv). A bf16 sum over many ranks keeps 8
-        # mantissa bits; an empty list keeps every gradient reduction in fp32.
-        autocast["lower_precision_safe_modules"] = []
-    return {
-        "train_batch_size": e.global_batch_size,
-        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
-        "gradient_accumulation_steps": e.grad_accum,
-        "gradient_clipping": float(e.clip_grad) if e.clip_grad is not None else 0.0,
-        "zero_optimization": zero,
-        # We pass torch.optim.SGD ourselves; it is not on ZeRO's tested list.
-        "zero_allow_untested_optimizer": True,
-        "torch_autocast": autocast,
-        "steps_per_print": 10**9,  # our own logging reports progress
-        "wall_clock_breakdown": False,
-        "timers": {"throughput": {"enabled": False, "synchronized": False}},
-    }
-
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
     """``{section: {field: value}}`` with plain Python values (YAML/JSON serialisable)."""

@@ -1,4 +1,7 @@
-"""The DeepSpeed engine: SGD, the learning-rate schedule, ZeRO 1/2, autocast, accumulation.
+"""The DeepSpeed engine: its JSON config, SGD, the learning-rate schedule, ZeRO 1/2, autocast, accumulation.
+
+The DeepSpeed config dict is derived from the run's config here (:func:`deepspeed_config`) and
+never written by hand anywhere else.
 
 The trainer's step, in order (one micro-batch)::
 
@@ -48,10 +51,14 @@ import torch
 import torch.distributed as dist
 from torch.optim import lr_scheduler as sched
 
+from spnet_dist.config import check_zero_stage, micro_batch_size
 from spnet_dist.distributed import init_distributed, unlink_deepspeed_shm
 
 __all__ = [
     "WARMUP_START_FACTOR",
+    "DEEPSPEED_DEFAULT_BUCKET",
+    "zero_bucket_size",
+    "deepspeed_config",
     "build_optimizer",
     "build_scheduler",
     "build_engine",
@@ -68,6 +75,75 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
+# The DeepSpeed JSON
+# --------------------------------------------------------------------------------------------
+
+# DeepSpeed's default ZeRO bucket (elements), sized for LLMs: 5e8 fp32 elements = 2 GB of staging.
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+
+
+def zero_bucket_size(cfg: Any, num_parameters: int | None) -> int:
+    """Elements per ZeRO reduce / allgather bucket: ``engine.bucket_size``, else the model's size.
+
+    One bucket holding every gradient is the fewest collectives DeepSpeed can issue and costs
+    one model's worth of staging (100 MB fp32 for ResNet-50) instead of 2 GB.
+
+    Args:
+        cfg: the run config (``spnet_dist.config.Config``).
+        num_parameters: trainable parameter count of the student (None: DeepSpeed's default).
+    """
+    if cfg.engine.bucket_size is not None:
+        return cfg.engine.bucket_size
+    if num_parameters is None:
+        return DEEPSPEED_DEFAULT_BUCKET
+    return max(1, min(int(num_parameters), DEEPSPEED_DEFAULT_BUCKET))
+
+
+def deepspeed_config(cfg: Any, world_size: int | None = None, num_parameters: int | None = None) -> dict:
+    """The DeepSpeed config dict derived from ``cfg`` (the only place it is written).
+
+    Mixed precision goes through ``torch_autocast`` only: DeepSpeed's own ``bf16``/``fp16``
+    sections cast module parameters and break BatchNorm (see docs/library-facts.md).
+    DeepSpeed's throughput timer is switched off: enabled and ``synchronized`` by default, it
+    synchronises the device at every micro-batch; the trainer measures throughput itself.
+
+    Args:
+        cfg: the run config (``spnet_dist.config.Config``).
+        world_size: data-parallel ranks; None reads ``WORLD_SIZE`` (default 1).
+        num_parameters: the student's trainable parameter count, to size the ZeRO buckets
+            (:func:`zero_bucket_size`); None keeps DeepSpeed's 5e8 unless ``engine.bucket_size``.
+    """
+    e = cfg.engine
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    if e.zero_stage in (1, 2):
+        bucket = zero_bucket_size(cfg, num_parameters)
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+    if e.zero_stage == 2:
+        # Skipped blocks leave parameters without gradients in a step: ZeRO-2 must tolerate them.
+        zero.update(overlap_comm=False, contiguous_gradients=True, ignore_unused_parameters=True)
+    autocast_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[e.precision]
+    autocast: dict[str, Any] = {"enabled": e.precision != "fp32", "dtype": autocast_dtype}
+    if e.grad_reduce == "fp32":
+        # Under torch_autocast, ZeRO all-reduces the gradients of the module classes listed here
+        # in the autocast dtype (default: Linear, Conv). A bf16 sum over many ranks keeps 8
+        # mantissa bits; an empty list keeps every gradient reduction in fp32.
+        autocast["lower_precision_safe_modules"] = []
+    return check_ds_config({
+        "train_batch_size": e.global_batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(cfg, world_size),
+        "gradient_accumulation_steps": e.grad_accum,
+        "gradient_clipping": float(e.clip_grad) if e.clip_grad is not None else 0.0,
+        "zero_optimization": zero,
+        # We pass torch.optim.SGD ourselves; it is not on ZeRO's tested list.
+        "zero_allow_untested_optimizer": True,
+        "torch_autocast": autocast,
+        "steps_per_print": 10**9,  # our own logging reports progress
+        "wall_clock_breakdown": False,
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
+    })
+
+
+# --------------------------------------------------------------------------------------------
 # Optimizer and schedule
 # --------------------------------------------------------------------------------------------
 
@@ -77,7 +153,7 @@ def build_optimizer(model: torch.nn.Module, optim_cfg: Any) -> torch.optim.SGD:
 
     One parameter group: the paper (and its code) decays every parameter, BN included.
     SGD is not on ZeRO's tested-optimizer list, so the DeepSpeed config must carry
-    ``"zero_allow_untested_optimizer": true`` (``config.deepspeed_config`` writes it).
+    ``"zero_allow_untested_optimizer": true`` (:func:`deepspeed_config` writes it).
 
     Args:
         model: the student network.
@@ -148,30 +224,24 @@ def build_scheduler(
 # --------------------------------------------------------------------------------------------
 
 
-def check_ds_config(ds_config: dict) -> None:
-    """Reject DeepSpeed settings this trainer cannot run correctly (clear ``ValueError``).
+def check_ds_config(ds_config: dict) -> dict:
+    """Reject DeepSpeed settings this trainer cannot run correctly (clear ``ValueError``); returns it.
 
-    * ZeRO stage 3 partitions the parameters themselves: the EMA teacher reads the full
-      student parameters every step, BN buffers are averaged on whole modules, and export
-      expects whole tensors. Stages 0-2 keep full parameters on every rank.
+    * ZeRO stage 3: :func:`spnet_dist.config.check_zero_stage` (the one place it is refused).
     * DeepSpeed's own ``bf16`` / ``fp16`` sections cast module parameters, which breaks
       BatchNorm ("expected scalar type BFloat16 but found Float"); mixed precision goes
       through the ``torch_autocast`` section.
 
     Args:
-        ds_config: the DeepSpeed config dict (from ``config.deepspeed_config``).
+        ds_config: the DeepSpeed config dict (from :func:`deepspeed_config`).
     """
-    stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    if stage >= 3:
-        raise ValueError(
-            f"ZeRO stage {stage} is not supported: it partitions the parameters, but the EMA "
-            "teacher, BN-buffer averaging and export need whole parameters on every rank. "
-            "Use engine.zero_stage 1 or 2 (sharded optimizer state / gradients).")
+    check_zero_stage(int((ds_config.get("zero_optimization") or {}).get("stage", 0)))
     for key in ("bf16", "fp16"):
         if (ds_config.get(key) or {}).get("enabled"):
             raise ValueError(
                 f"DeepSpeed's '{key}' section casts the model and breaks BatchNorm; use the "
                 "'torch_autocast' section (engine.precision) instead.")
+    return ds_config
 
 
 def _device_rank() -> int:
@@ -204,7 +274,7 @@ def build_engine(
         model: the student (fp32 parameters; DeepSpeed moves it to its device).
         optim_cfg: see :func:`build_optimizer`.
         schedule_cfg: see :func:`build_scheduler`.
-        ds_config: DeepSpeed config dict (``config.deepspeed_config(cfg, world_size)``);
+        ds_config: DeepSpeed config dict (:func:`deepspeed_config`);
             not modified.
         steps_per_epoch: optimizer steps per epoch.
 

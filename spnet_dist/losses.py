@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spnet_dist.models.from_config import needs_aux_heads, needs_block_features  # noqa: F401 (re-exported)
 from spnet_dist.models.output import SPNetOutput
 
 PATH_FORMS = ("paper", "code")
@@ -243,21 +244,6 @@ def evolution_features(out: SPNetOutput, strategy: str = "stages") -> list[list[
     if strategy == "code_cifar":
         return [[c[0], c[len(c) // 2], c[-1]] for c in stage_chains]
     return stage_chains
-
-
-def needs_aux_heads(stage_heads: bool, gamma: float, evo_strategy: str) -> bool:
-    """Whether the model must build the intermediate stage heads (aligner a_k + classifier c_k).
-
-    Only when something reads them: the stage CE (component B) or an L_evo over aligned stage
-    features. Without them, Table 3 EXP-1 has no unsupervised heads that could feed gradient
-    into the early stages.
-    """
-    return stage_heads or (gamma > 0 and evo_strategy in ("stages", "to_final"))
-
-
-def needs_block_features(gamma: float, evo_strategy: str) -> bool:
-    """Whether the model must record per-block features (Table 5 EXP-1/2, official CIFAR L_evo)."""
-    return gamma > 0 and evo_strategy in ("blocks", "blocks_within_stage", "code_cifar")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Submit spnet-train as a SLURM job through submitit (``launch/submit.py`` is its command line).
 
 The job is the config file's run plus its ``slurm:`` section: ``nodes`` x one task per GPU,
-each task calling the same :func:`spnet_dist.train.main` that ``spnet-train`` calls. The
+each task calling the same :func:`spnet_dist.training.main` that ``spnet-train`` calls. The
 submitted callable, :class:`TrainingJob`, is checkpointable in submitit's sense, but it saves
 nothing itself: the trainer saves on the signal. One attempt goes (measured on SLURM 22.05,
 docs/slurm.md)
@@ -47,7 +47,7 @@ __all__ = ["TrainingJob", "tasks_per_node", "world_size", "validate_slurm", "sub
            "slurm_parameters", "sbatch_script", "build_executor", "select_visible_gpu", "SlurmJobState",
            "slurm_job_state", "submit", "cli"]
 
-DEFAULT_ENTRY = "spnet_dist.train:main"
+DEFAULT_ENTRY = "spnet_dist.training:main"
 
 # srun options of every job (the sbatch script's `srun` line). A task that fails ends the step at
 # once (SLURM then SIGTERMs the other tasks and SIGKILLs them KillWait later) instead of leaving
@@ -249,7 +249,7 @@ class TrainingJob:
 
     Args:
         cfg: the run's config (slurm section included); pickled into the job.
-        entry: ``"module:function"`` taking the config. ``spnet_dist.train:main`` for real runs;
+        entry: ``"module:function"`` taking the config. ``spnet_dist.training:main`` for real runs;
             tests substitute a small stand-in with the same contract.
     """
 
@@ -261,7 +261,7 @@ class TrainingJob:
         import submitit
 
         from . import distributed as D
-        from .checkpoint import Preempted
+        from .training.signals import Preempted
 
         dist_env = submitit.helpers.TorchDistributedEnvironment()
         # CUDA_VISIBLE_DEVICES is chosen here, from SLURM's list (see select_visible_gpu).

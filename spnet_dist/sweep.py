@@ -32,7 +32,6 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -43,6 +42,8 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import yaml
+
+from .run_dir import RunDirectory, read_jsonl
 
 RESULTS = "results.jsonl"
 REPORT = "report.md"
@@ -167,25 +168,17 @@ def overrides_key(overrides: Sequence[str]) -> str:
 
 # ------------------------------------------------------------------------------------------ results
 def read_results(path: Path) -> list[dict]:
-    """Records of ``results.jsonl``; a truncated last line (killed writer) is ignored."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    """Records of ``results.jsonl``, with the run directory's rule for a damaged line: a torn last
+    line (killed writer) is ignored with a warning, any other bad line is an error naming it."""
+    return read_jsonl(path)
 
 
 def final_metrics(run_dir: Path) -> dict:
     """The last evaluation record of a finished run, restricted to :data:`METRICS`."""
-    metrics = run_dir / "metrics.jsonl"
-    records = read_results(metrics)
-    if not records:
+    run = RunDirectory(run_dir)
+    metrics, last = run.metrics, run.last_metrics()
+    if last is None:
         raise RuntimeError(f"{metrics}: no evaluation record (the run did not finish)")
-    last = records[-1]
     missing = [k for k in METRICS if k not in last]
     if missing:
         raise RuntimeError(f"{metrics}: last record lacks {missing}")
@@ -263,7 +256,7 @@ def run_sweep(sweep: Sweep, jobs: int = 1, threads: int = 1, nice: int = 10, pro
         raise SweepError(f"--jobs and --threads must be >= 1, got {jobs}, {threads}")
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
     results_path = sweep.out_dir / RESULTS
-    records = read_results(results_path)
+    records = read_jsonl(results_path, drop_torn=True)  # the appends below start on a line of their own
     todo = pending_runs(sweep, records)
     total = len(sweep.runs())
     failures = []

@@ -270,8 +270,8 @@ def make_cfg(**overrides):
 
 
 def ds_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed dict for ``cfg``, written by ``spnet_dist.config`` (never by hand)."""
-    from spnet_dist.config import deepspeed_config
+    """The DeepSpeed dict for ``cfg``, written by ``spnet_dist.engine`` (never by hand)."""
+    from spnet_dist.engine import deepspeed_config
 
     return deepspeed_config(cfg, world_size)
 

@@ -14,7 +14,8 @@ from typing import Iterator, Optional
 import pytest
 
 from spnet_dist import checkpoint as C
-from spnet_dist import train
+from spnet_dist import training
+from spnet_dist.checkpoint import store
 
 
 @contextmanager
@@ -35,7 +36,7 @@ def interruptions(signal_step: Optional[int] = None, signum: int = signal.SIGUSR
     mine = rank is None or int(os.environ.get("RANK", 0)) == rank
     with ExitStack() as stack:
         mp = stack.enter_context(pytest.MonkeyPatch.context())
-        original_step, original_eval, original_hash = train.Trainer.train_step, train.Trainer.evaluate, C._sha256
+        original_step, original_eval, original_hash = training.Trainer.train_step, training.Trainer.evaluate, store._sha256
 
         def train_step(self, images, targets):
             terms, stepped = original_step(self, images, targets)
@@ -56,8 +57,8 @@ def interruptions(signal_step: Optional[int] = None, signum: int = signal.SIGUSR
                 os.kill(os.getpid(), signal.SIGKILL)
             return original_hash(path)
 
-        mp.setattr(train.Trainer, "train_step", train_step)
-        mp.setattr(train.Trainer, "evaluate", evaluate)
+        mp.setattr(training.Trainer, "train_step", train_step)
+        mp.setattr(training.Trainer, "evaluate", evaluate)
         if kill_in_save_step is not None:
-            mp.setattr(C, "_sha256", sha256)
+            mp.setattr(store, "_sha256", sha256)
         yield

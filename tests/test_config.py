@@ -1,4 +1,4 @@
-"""Config schema, YAML loading, overrides, validation messages, DeepSpeed JSON and the CLI."""
+"""Config schema, YAML loading, overrides, validation messages, one list of choices per field, and the CLI."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +8,7 @@ import pytest
 
 from spnet_dist import config as C
 from spnet_dist.config import (
-    Config, ConfigError, deepspeed_config, load_config, micro_batch_size, parse_args, save_config,
-    to_dict, validate, zero_bucket_size,
+    Config, ConfigError, load_config, micro_batch_size, parse_args, save_config, to_dict, validate,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,6 +90,33 @@ def test_registry_names_agree_with_models():
     assert set(C.MODEL_NAMES) == set(MODEL_NAMES)
 
 
+def test_each_field_has_one_list_of_choices_owned_by_the_module_that_reads_it():
+    from spnet_dist import data, losses, models, teacher
+
+    owned = {
+        "teacher.forward_mode": teacher.FORWARD_MODES, "teacher.buffers": teacher.BUFFER_RULES,
+        "loss.path_form": losses.PATH_FORMS, "loss.logits_form": losses.LOGITS_FORMS,
+        "loss.cost_form": losses.COST_FORMS, "loss.cost_reduction": losses.COST_REDUCTIONS,
+        "loss.cost_rate": losses.COST_RATES, "loss.cls_form": losses.CLS_FORMS,
+        "data.format": data.DATA_FORMATS, "data.backend": data.BACKENDS, "data.on_corrupt": data.ON_CORRUPT,
+        "engine.zero_stage": C.ZERO_STAGES,
+    }
+    for field, choices in owned.items():
+        assert C.CHOICES[field] is choices, field  # the same tuple object, not a copy
+    assert C.CHOICES["loss.evo_strategy"] == losses.EVO_STRATEGIES + ("none",)
+    assert C.CHOICES["data.augment"] == ("auto",) + data.AUGMENTS
+    assert C.MODEL_NAMES is models.MODEL_NAMES
+
+
+@pytest.mark.parametrize("stage", [3, 4, -1])
+def test_zero_stage_3_is_refused_in_one_place_with_its_reason(stage):
+    with pytest.raises(ConfigError, match=rf"^engine\.zero_stage: {stage} is not supported") as err:
+        C.check_zero_stage(stage)
+    assert ("shards parameters" in str(err.value)) is (stage == 3)
+    for ok in C.ZERO_STAGES:
+        C.check_zero_stage(ok)
+
+
 # --------------------------------------------------------------------------------------------------
 # Overrides, round trip
 # --------------------------------------------------------------------------------------------------
@@ -135,66 +161,6 @@ def test_loading_creates_nothing(tmp_path: Path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Batch sizes and DeepSpeed JSON
 # --------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (4, 2), (8, 4), (16, 1), (32, 2)])
-def test_deepspeed_batch_numbers(world: int, accum: int):
-    cfg = Config()
-    cfg.engine.grad_accum = accum
-    ds = deepspeed_config(cfg, world)
-    assert ds["train_batch_size"] == 256
-    assert ds["train_micro_batch_size_per_gpu"] == micro_batch_size(cfg, world) == 256 // (world * accum)
-    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == ds["train_batch_size"]
-
-
-@pytest.mark.parametrize("precision,enabled,dtype", [("bf16", True, "bfloat16"), ("fp16", True, "float16"),
-                                                     ("fp32", False, "float32")])
-def test_deepspeed_precision_uses_torch_autocast_only(precision: str, enabled: bool, dtype: str):
-    cfg = Config()
-    cfg.engine.precision = precision
-    ds = deepspeed_config(cfg, 1)
-    assert "bf16" not in ds and "fp16" not in ds  # they cast parameters and break BatchNorm
-    # grad_reduce=fp32 (default): no module class gets a lower-precision gradient reduction
-    assert ds["torch_autocast"] == {"enabled": enabled, "dtype": dtype, "lower_precision_safe_modules": []}
-    cfg.engine.grad_reduce = "autocast"
-    assert deepspeed_config(cfg, 1)["torch_autocast"] == {"enabled": enabled, "dtype": dtype}
-
-
-def test_deepspeed_zero_and_clipping():
-    cfg = Config()
-    ds = deepspeed_config(cfg, 2, num_parameters=1_700_000)
-    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1_700_000,
-                                       "allgather_bucket_size": 1_700_000}
-    assert ds["gradient_clipping"] == 0.0 and ds["zero_allow_untested_optimizer"] is True
-    assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 10**6
-    cfg.engine.zero_stage, cfg.engine.clip_grad = 2, 5.0
-    ds = deepspeed_config(cfg, 2, num_parameters=1_700_000)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1_700_000,
-                                       "allgather_bucket_size": 1_700_000, "overlap_comm": False,
-                                       "contiguous_gradients": True, "ignore_unused_parameters": True}
-    assert ds["gradient_clipping"] == 5.0
-
-
-def test_zero_buckets_are_sized_from_the_model_not_for_llms():
-    # Finding 6: DeepSpeed's 5e8-element default staged ~2 GB of fp32 for a 25M-parameter ResNet-50.
-    cfg = Config()
-    resnet50 = 25_557_032
-    zero = deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == resnet50
-    assert zero_bucket_size(cfg, 10**10) == 500_000_000  # never above DeepSpeed's own default
-    cfg.engine.bucket_size = 4_000_000  # an explicit value wins over the model size
-    assert deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]["reduce_bucket_size"] == 4_000_000
-    cfg.engine.zero_stage = 0  # ZeRO 0 has no ZeRO buckets
-    assert "reduce_bucket_size" not in deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]
-    cfg = Config()
-    cfg.engine.bucket_size = 0
-    with pytest.raises(ConfigError, match=r"^engine\.bucket_size: 0 is invalid"):
-        validate(cfg, 1, check_paths=False)
-
-
-def test_deepspeed_throughput_timer_is_off():
-    # Finding 4: enabled and synchronized by default, it synchronises the device every micro-batch.
-    assert deepspeed_config(Config(), 1)["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
-
 
 @pytest.mark.parametrize("global_batch,accum,world", [(1, 1, 1), (128, 1, 128), (128, 2, 64), (8, 4, 2)])
 def test_micro_batch_of_one_is_rejected_with_the_batches_that_work(global_batch, accum, world):
@@ -356,7 +322,7 @@ def test_validate_checks_python_built_configs():
         validate(cfg, world_size=1, check_paths=False)
     cfg = dataclasses.replace(Config(), engine=C.EngineConfig(zero_stage=3))
     with pytest.raises(ConfigError, match="engine.zero_stage: 3 is not supported"):
-        deepspeed_config(cfg, 1)
+        validate(cfg, world_size=1, check_paths=False)
 
 
 # --------------------------------------------------------------------------------------------------

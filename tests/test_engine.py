@@ -1,4 +1,4 @@
-"""spnet_dist.engine in one process: optimizer, schedule, DeepSpeed engine facts (CPU, gloo)."""
+"""spnet_dist.engine in one process: the DeepSpeed JSON, optimizer, schedule, DeepSpeed engine facts (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from spnet_dist import config as C
+from spnet_dist.config import Config, ConfigError, micro_batch_size, validate
 from spnet_dist.distributed import destroy, init_distributed
 from spnet_dist.engine import (
+    deepspeed_config,
+    zero_bucket_size,
     WARMUP_START_FACTOR,
     autocast_context,
     build_engine,
@@ -55,6 +59,78 @@ def make_engine(steps_per_epoch: int = 2, **overrides):
     engine, optimizer, scheduler = build_engine(toy_model(seed=0), cfg.optim, cfg.schedule,
                                                 ds_config(cfg, 1), steps_per_epoch)
     return engine, optimizer, scheduler, cfg
+
+
+# --------------------------------------------------------------------------------------------
+# The DeepSpeed JSON (derived from the config, never written by hand)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (2, 1), (4, 2), (8, 4), (16, 1), (32, 2)])
+def test_deepspeed_batch_numbers(world: int, accum: int):
+    cfg = Config()
+    cfg.engine.grad_accum = accum
+    ds = deepspeed_config(cfg, world)
+    assert ds["train_batch_size"] == 256
+    assert ds["train_micro_batch_size_per_gpu"] == micro_batch_size(cfg, world) == 256 // (world * accum)
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == ds["train_batch_size"]
+
+
+@pytest.mark.parametrize("precision,enabled,dtype", [("bf16", True, "bfloat16"), ("fp16", True, "float16"),
+                                                     ("fp32", False, "float32")])
+def test_deepspeed_precision_uses_torch_autocast_only(precision: str, enabled: bool, dtype: str):
+    cfg = Config()
+    cfg.engine.precision = precision
+    ds = deepspeed_config(cfg, 1)
+    assert "bf16" not in ds and "fp16" not in ds  # they cast parameters and break BatchNorm
+    # grad_reduce=fp32 (default): no module class gets a lower-precision gradient reduction
+    assert ds["torch_autocast"] == {"enabled": enabled, "dtype": dtype, "lower_precision_safe_modules": []}
+    cfg.engine.grad_reduce = "autocast"
+    assert deepspeed_config(cfg, 1)["torch_autocast"] == {"enabled": enabled, "dtype": dtype}
+
+
+def test_deepspeed_zero_and_clipping():
+    cfg = Config()
+    ds = deepspeed_config(cfg, 2, num_parameters=1_700_000)
+    assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1_700_000,
+                                       "allgather_bucket_size": 1_700_000}
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_allow_untested_optimizer"] is True
+    assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 10**6
+    cfg.engine.zero_stage, cfg.engine.clip_grad = 2, 5.0
+    ds = deepspeed_config(cfg, 2, num_parameters=1_700_000)
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1_700_000,
+                                       "allgather_bucket_size": 1_700_000, "overlap_comm": False,
+                                       "contiguous_gradients": True, "ignore_unused_parameters": True}
+    assert ds["gradient_clipping"] == 5.0
+
+
+def test_zero_buckets_are_sized_from_the_model_not_for_llms():
+    # Finding 6: DeepSpeed's 5e8-element default staged ~2 GB of fp32 for a 25M-parameter ResNet-50.
+    cfg = Config()
+    resnet50 = 25_557_032
+    zero = deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == resnet50
+    assert zero_bucket_size(cfg, 10**10) == 500_000_000  # never above DeepSpeed's own default
+    cfg.engine.bucket_size = 4_000_000  # an explicit value wins over the model size
+    assert deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]["reduce_bucket_size"] == 4_000_000
+    cfg.engine.zero_stage = 0  # ZeRO 0 has no ZeRO buckets
+    assert "reduce_bucket_size" not in deepspeed_config(cfg, 8, num_parameters=resnet50)["zero_optimization"]
+    cfg = Config()
+    cfg.engine.bucket_size = 0
+    with pytest.raises(ConfigError, match=r"^engine\.bucket_size: 0 is invalid"):
+        validate(cfg, 1, check_paths=False)
+
+
+def test_deepspeed_throughput_timer_is_off():
+    # Finding 4: enabled and synchronized by default, it synchronises the device every micro-batch.
+    assert deepspeed_config(Config(), 1)["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+
+
+def test_zero_stage_3_is_refused_in_the_json_as_in_the_config():
+    import dataclasses
+
+    cfg = dataclasses.replace(Config(), engine=C.EngineConfig(zero_stage=3))
+    with pytest.raises(ConfigError, match="engine.zero_stage: 3 is not supported"):
+        deepspeed_config(cfg, 1)
 
 
 # --------------------------------------------------------------------------------------------

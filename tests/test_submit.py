@@ -15,8 +15,7 @@ import pytest
 
 from spnet_dist import submit as S
 from spnet_dist.checkpoint import config_differences
-from spnet_dist.config import ConfigError, load_config, to_dict
-from spnet_dist.train import parse_args
+from spnet_dist.config import ConfigError, load_config, parse_args, to_dict
 
 from .conftest import REPO_ROOT
 from .submit_helpers import (DEMO, assert_same_weights, final_weights, job_environment, load_job_config,
@@ -107,7 +106,7 @@ def test_gpu_choice_refuses_more_tasks_than_gpus_and_leaves_cpu_jobs_alone():
 
 def test_checkpoint_resubmits_the_same_job_without_saving(tmp_path):
     cfg = load_job_config(f"run.out_dir={tmp_path / 'run'}")
-    job = S.TrainingJob(cfg, entry="spnet_dist.train:main")
+    job = S.TrainingJob(cfg, entry="spnet_dist.training:main")
     delayed = job.checkpoint()
     again = delayed.function
     assert isinstance(again, S.TrainingJob) and again.cfg == cfg and again.entry == job.entry

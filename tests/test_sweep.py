@@ -109,6 +109,30 @@ def test_a_failed_run_is_reported_and_retried_next_time(tmp_path, fake_log, caps
     assert {s for _, s in S.pending_runs(sw, records)} == {1}
 
 
+def test_a_sweep_killed_while_appending_its_results_continues_cleanly(tmp_path, fake_log):
+    sw = S.load_sweep(write_sweep(tmp_path, GRID), out_dir=str(tmp_path / "out"))
+    S.run_sweep(sw, progress=False, nice=0, command=FAKE)
+    results = sw.out_dir / S.RESULTS
+    lines = results.read_text().splitlines()
+    results.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])  # killed during the last append
+    with pytest.warns(UserWarning, match="torn last line"):
+        S.run_sweep(sw, progress=False, nice=0, command=FAKE)  # re-runs that cell, appends on a new line
+    assert len(calls(fake_log)) == 9
+    assert len(S.read_results(results)) == 8  # no warning, no error: the fragment is gone
+
+
+def test_final_metrics_follow_the_run_directorys_rule(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"top1": 50.0, "mac_ratio": 0.5, "exec_rate": 0.6, "gmacs": 1.0, "static_gmacs": 2.0, "epoch": 3}
+    (run / "metrics.jsonl").write_text(json.dumps(record) + "\n" + '{"top1": 7')
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert S.final_metrics(run) == record
+    (run / "metrics.jsonl").write_text('{"top1": 7\n' + json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:1: not a JSON record"):
+        S.final_metrics(run)
+
+
 def test_report_statistics_and_plots(tmp_path, fake_log):
     sw = S.load_sweep(write_sweep(tmp_path, GRID), out_dir=str(tmp_path / "out"))
     records = S.run_sweep(sw, progress=False, nice=0, command=FAKE)

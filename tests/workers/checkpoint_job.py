@@ -21,7 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 from spnet_dist import distributed as D  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
 from spnet_dist.execution import set_execution  # noqa: E402
-from spnet_dist.train import Trainer  # noqa: E402
+from spnet_dist.training import Trainer  # noqa: E402
 
 
 def main() -> None:

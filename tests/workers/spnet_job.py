@@ -24,7 +24,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from spnet_dist import distributed as D  # noqa: E402
 from spnet_dist.data import loaders as data_build  # noqa: E402
 from spnet_dist.config import load_config  # noqa: E402
-from spnet_dist.train import Trainer  # noqa: E402
+from spnet_dist.training import Trainer  # noqa: E402
 
 
 def _save(state: dict, path: Path) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spnet_dist import train
+from spnet_dist import training
 from spnet_dist.config import load_config
 from spnet_dist.device_audit import DeviceAudit, HostSyncCounter
 from spnet_dist.execution import InferenceResNet, execution_plan, set_execution
-from spnet_dist.train import SPNetStep, build_model, resolve_teacher_execution, seed_everything
+from spnet_dist.models.from_config import build_model
+from spnet_dist.training.reproducibility import seed_everything
+from spnet_dist.training.step import SPNetStep, clamp_gradients_, resolve_teacher_execution
 
-from .conftest import REPO_ROOT
+from ..conftest import REPO_ROOT
 
 pytestmark = pytest.mark.usefixtures("own_process_group")
 
@@ -104,7 +106,7 @@ def test_skip_and_masked_teachers_give_the_same_outputs():
 def test_an_fp16_overflow_step_is_not_counted(tiny_config):
     # Finding 7: with fp16 and ZeRO 1/2 DeepSpeed skips an overflow step (scheduler not stepped);
     # the trainer still counted it and moved the teacher.
-    trainer = train.Trainer(tiny_config("engine.precision=fp16", "engine.zero_stage=1", "engine.global_batch_size=8",
+    trainer = training.Trainer(tiny_config("engine.precision=fp16", "engine.zero_stage=1", "engine.global_batch_size=8",
                                         "schedule.warmup_epochs=0.5"))
     images, targets = batch()
     images = images[:, :, :8, :8]
@@ -128,36 +130,12 @@ def test_an_fp16_overflow_step_is_not_counted(tiny_config):
 def test_one_training_epoch_and_evaluation_name_the_device_of_every_tensor(tiny_config):
     # Finding 1 and the CPU guard: every tensor our train/eval code creates must name its device,
     # or the first CUDA run mixes devices (torch.stack of CUDA loss sums and CPU counters).
-    trainer = train.Trainer(tiny_config("run.max_steps=2"))
+    trainer = training.Trainer(tiny_config("run.max_steps=2"))
     trainer.val_loader = [next(iter(trainer.val_loader))]  # one batch is enough to audit
     with DeviceAudit() as audit:
         trainer.train_epoch(0)
         trainer.evaluate()
     assert audit.violations == []
-
-
-def test_epoch_reduction_on_the_meta_device():
-    # The epoch-end crash reproduced without a GPU: sums on 'meta' stand in for CUDA tensors.
-    meta = torch.device("meta")
-    sums = {"total": torch.zeros((), device=meta), "cls": torch.zeros((), device=meta)}
-    keys, packed = train.pack_epoch_sums(sums, micro_batches=3, images=24, device=meta)
-    assert keys == ["cls", "total"] and packed.device == meta and packed.shape == (4,)
-    assert packed.dtype == torch.float64
-    keys, packed = train.pack_epoch_sums({"total": torch.tensor(6.0)}, 3, 24, torch.device("cpu"))
-    assert packed.tolist() == [6.0, 3.0, 24.0]
-    means = train.reduce_epoch_means({"total": torch.tensor(6.0)}, 3, 24, 2.0, torch.device("cpu"))
-    assert means == {"total": 2.0, "images_per_sec": 12.0}
-
-
-def test_interval_meter_reports_throughput_data_wait_and_eta():
-    meter = train.IntervalMeter(start=10.0)
-    for _ in range(4):
-        meter.waited(0.25)
-        meter.add(images=8, stepped=True)
-    speed = meter.report(now=14.0, world_size=2, steps_left=100)
-    assert speed == {"images_per_sec": 32 * 2 / 4.0, "data_wait": 0.25, "eta_s": 100.0}
-    meter.add(images=8, stepped=False)  # a new interval starts at the report
-    assert meter.report(now=15.0, world_size=1, steps_left=0)["images_per_sec"] == 8.0
 
 
 @pytest.mark.parametrize("world,overrides", [(1, ["engine.global_batch_size=1"]),
@@ -168,12 +146,21 @@ def test_cli_rejects_a_micro_batch_of_one_before_writing_anything(tmp_path, caps
     monkeypatch.setenv("WORLD_SIZE", str(world))
     out_dir = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:
-        train.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *overrides, f"run.out_dir={out_dir}"])
+        training.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *overrides, f"run.out_dir={out_dir}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("spnet-train: error: ") or "error: " in err[-1]
     assert "engine.global_batch_size:" in err[-1] and "micro-batch of 1 per rank" in err[-1]
     assert not out_dir.exists()
+
+
+def test_clamp_gradients_by_hand():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(2))  # no gradient: skipped
+    a.grad = torch.tensor([-2.0, 0.3, 0.7])
+    clamp_gradients_([a, b], 0.5)
+    assert a.grad.tolist() == pytest.approx([-0.5, 0.3, 0.5])
+    assert b.grad is None
 
 
 @pytest.mark.slow

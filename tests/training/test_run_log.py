@@ -1,5 +1,5 @@
-"""spnet_dist.run_log: progress lines with interval throughput, data wait and ETA."""
-from spnet_dist.run_log import RunLogger, format_duration
+"""spnet_dist.training.run_log: progress lines with interval throughput, data wait and ETA."""
+from spnet_dist.training.run_log import RunLogger, format_duration
 
 
 def test_format_duration():

@@ -6,21 +6,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from spnet_dist import train
+from spnet_dist import distributed as D
+from spnet_dist import training
 from spnet_dist.config import load_config
-from spnet_dist.data import build_eval_loader
+from spnet_dist.data import build_datasets, build_eval_loader
 from spnet_dist.flops import profile_macs
 from spnet_dist.losses import logits_loss, path_loss
+from spnet_dist.models.from_config import build_model
 
-from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import assert_evaluation_matches, hand_evaluation
+from ..conftest import REPO_ROOT, tiny_overrides
+from ..dist_helpers import assert_evaluation_matches, hand_evaluation
 
 pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 def test_cli_runs_and_writes_the_run_directory(digits_root, tmp_path, capsys):
     out_dir = tmp_path / "run"
-    train.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out_dir)])
+    training.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out_dir)])
     printed = capsys.readouterr().out
     assert "val top-1" in printed and "per-block rates" in printed  # the final table
     assert "step 2 " in printed and "\r" not in printed  # plain progress lines, no bar redraws
@@ -43,7 +45,7 @@ def test_cli_runs_and_writes_the_run_directory(digits_root, tmp_path, capsys):
 
 def test_trainer_updates_teacher_once_per_optimizer_step(tiny_config):
     cfg = tiny_config("engine.grad_accum=2", "run.max_steps=3")
-    trainer = train.Trainer(cfg)
+    trainer = training.Trainer(cfg)
     record = trainer.fit()
     assert trainer.state.step == 3 == record["step"]
     assert trainer.teacher.num_updates == 3  # 6 micro-batches, 3 optimizer steps
@@ -52,11 +54,11 @@ def test_trainer_updates_teacher_once_per_optimizer_step(tiny_config):
 
 def test_eval_record_matches_a_hand_evaluation_of_the_weights(tiny_config):
     cfg = tiny_config()
-    trainer = train.Trainer(cfg)
+    trainer = training.Trainer(cfg)
     record = trainer.fit()
-    model = train.build_model(cfg)
+    model = build_model(cfg)
     model.load_state_dict(trainer.model.state_dict())
-    _, val_set = train.build_datasets(cfg.data)
+    _, val_set = build_datasets(cfg.data)
     images, targets = (torch.cat(parts) for parts in zip(*build_eval_loader(val_set, 1000)))
     assert len(targets) == 360
     assert_evaluation_matches(record, hand_evaluation(model, images, targets, profile_macs(model, (8, 8))))
@@ -73,12 +75,12 @@ def test_teacher_is_built_from_the_teacher_section(tiny_config, tmp_path):
     # two Trainers swap every choice, so neither a default nor a constant can pass both.
     cfg = tiny_config("teacher.momentum=0.37", "teacher.forward_mode=train", "teacher.buffers=ema",
                       "optim.momentum=0.8")
-    teacher = train.Trainer(cfg).teacher
+    teacher = training.Trainer(cfg).teacher
     assert teacher.momentum == 0.37
     assert teacher.forward_mode == "train" and teacher.buffers == "ema"
     cfg = tiny_config("teacher.momentum=0.55", "teacher.forward_mode=eval", "teacher.buffers=copy",
                       f"run.out_dir={tmp_path / 'second'}")
-    teacher = train.Trainer(cfg).teacher
+    teacher = training.Trainer(cfg).teacher
     assert (teacher.momentum, teacher.forward_mode, teacher.buffers) == (0.55, "eval", "copy")
 
 
@@ -87,7 +89,7 @@ def test_step_hands_the_criterion_the_teachers_output(tiny_config):
     # eval-mode teacher, so both outputs can be computed again outside the step.
     cfg = tiny_config("model.gumbel_noise=false", "model.router_dropout=0.0", "engine.precision=fp32",
                       "teacher.forward_mode=eval")
-    trainer = train.Trainer(cfg)
+    trainer = training.Trainer(cfg)
     step = trainer.step_fn
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():  # the teacher drifts away from the student, as after some training
@@ -113,11 +115,11 @@ def test_buffers_averaged_then_teacher_updated_once_per_optimizer_step(tiny_conf
                                                                        forward_mode, buffers):
     cfg = tiny_config("engine.grad_accum=2", f"teacher.forward_mode={forward_mode}",
                       f"teacher.buffers={buffers}")
-    trainer = train.Trainer(cfg)
+    trainer = training.Trainer(cfg)
     step = trainer.step_fn
     events: list[str] = []
     real_after, real_update = step._after_optimizer_step, step.teacher.update
-    real_average, real_reduce = train.D.average_buffers_, train.D.all_reduce_mean_
+    real_average, real_reduce = D.average_buffers_, D.all_reduce_mean_
 
     def after_optimizer_step():
         events.append("after_optimizer_step")
@@ -149,8 +151,8 @@ def test_buffers_averaged_then_teacher_updated_once_per_optimizer_step(tiny_conf
 
     monkeypatch.setattr(step, "_after_optimizer_step", after_optimizer_step)
     monkeypatch.setattr(step.teacher, "update", update)
-    monkeypatch.setattr(train.D, "average_buffers_", average_buffers_)
-    monkeypatch.setattr(train.D, "all_reduce_mean_", all_reduce_mean_)
+    monkeypatch.setattr(D, "average_buffers_", average_buffers_)
+    monkeypatch.setattr(D, "all_reduce_mean_", all_reduce_mean_)
 
     batches = iter(trainer.train_loader)
     stepped = [trainer.train_step(*next(batches))[1] for _ in range(4)]
@@ -169,14 +171,14 @@ def test_buffers_averaged_then_teacher_updated_once_per_optimizer_step(tiny_conf
 def test_baseline_config_trains_without_teacher(tiny_config):
     cfg = tiny_config("teacher.enabled=false", "loss.alpha=0", "loss.beta=0", "loss.stage_heads=false",
                       "loss.evo_strategy=none", "loss.cost_weight=0", "loss.target_rate=null")
-    trainer = train.Trainer(cfg)
+    trainer = training.Trainer(cfg)
     record = trainer.fit()
     assert trainer.teacher is None
     assert set(record["loss"]) == {"cls", "total"}
 
 
 def test_block_evolution_strategy_builds_block_aligners(tiny_config):
-    trainer = train.Trainer(tiny_config("loss.evo_strategy=blocks_within_stage", "run.max_steps=2"))
+    trainer = training.Trainer(tiny_config("loss.evo_strategy=blocks_within_stage", "run.max_steps=2"))
     assert trainer.model.block_aligners is not None
     assert "evo" in trainer.fit()["loss"]
 
@@ -184,7 +186,7 @@ def test_block_evolution_strategy_builds_block_aligners(tiny_config):
 def test_bad_config_fails_before_anything_is_created(tmp_path, capsys):
     out_dir = tmp_path / "never"
     with pytest.raises(SystemExit) as exc:
-        train.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), "engine.zero_stage=3", f"run.out_dir={out_dir}"])
+        training.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), "engine.zero_stage=3", f"run.out_dir={out_dir}"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "engine.zero_stage" in err
@@ -193,10 +195,23 @@ def test_bad_config_fails_before_anything_is_created(tmp_path, capsys):
 
 def test_an_existing_run_directory_is_never_overwritten_with_resume_never(tiny_config):
     cfg = tiny_config("run.max_steps=2")
-    train.main(cfg)
+    training.main(cfg)
     out_dir = Path(cfg.run.out_dir)
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
     cfg.run.resume = "never"
     with pytest.raises(FileExistsError, match="run.out_dir"):
-        train.main(cfg)
+        training.main(cfg)
     assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
+
+
+def test_a_multistep_schedule_with_warm_up_saves_its_checkpoints(tiny_config):
+    # ChainedScheduler (multistep + warm-up) has no last_epoch: the first save used to raise.
+    from spnet_dist import checkpoint as C
+
+    cfg = tiny_config("schedule.kind=multistep", "schedule.epochs=2", "schedule.milestones=[1]",
+                      "schedule.warmup_epochs=0.5", "run.max_steps=2", "run.checkpoint_every=1")
+    trainer = training.Trainer(cfg)
+    trainer.fit()
+    ckpt = C.resolve_checkpoint(cfg.run.out_dir, "final")
+    assert C.read_state(ckpt)["scheduler"]["class"] == "ChainedScheduler"
+    assert (ckpt.parent / "step_00000001").is_dir()

@@ -1,13 +1,13 @@
-"""spnet_dist.export_onnx: the masked (dense) form as ONNX, run in onnxruntime."""
+"""spnet_dist.export.onnx: the masked (dense) form as ONNX, run in onnxruntime."""
 import numpy as np
 import pytest
 import torch
 
 from spnet_dist.execution import InferenceResNet, SkippingBlock, execution_plan, set_execution
-from spnet_dist.export_onnx import export_onnx
+from spnet_dist.export.onnx import export_onnx
 from spnet_dist.models import create_model
 
-from .models.test_resnet import _mixed_routers
+from ..models.test_resnet import _mixed_routers
 
 
 @pytest.mark.slow

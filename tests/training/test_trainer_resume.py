@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from spnet_dist import checkpoint as C
-from spnet_dist import train
+from spnet_dist import training
+from spnet_dist.training import trainer as trainer_module
+from spnet_dist.training.signals import EXIT_DIVERGED, EXIT_PREEMPTED
 
-from .conftest import REPO_ROOT, tiny_overrides
-from .resume_hooks import interruptions
+from ..conftest import REPO_ROOT, tiny_overrides
+from ..resume_hooks import interruptions
 
 pytestmark = [pytest.mark.usefixtures("own_process_group"), pytest.mark.slow]
 
@@ -22,7 +24,7 @@ def _cli(digits_root, out_dir, *extra):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # left by the previous attempt's 1-rank group
         os.environ.pop(var, None)
     try:
-        train.cli(["--config", DEMO, *tiny_overrides(digits_root, out_dir), "run.tensorboard=false", *extra])
+        training.cli(["--config", DEMO, *tiny_overrides(digits_root, out_dir), "run.tensorboard=false", *extra])
     except SystemExit as exit_:
         return exit_.code
     return 0
@@ -35,7 +37,7 @@ def _snapshot(directory: Path) -> dict:
 def test_preempted_exit_status_unsafe_change_refused_safe_change_resumes(digits_root, tmp_path, capsys):
     out = tmp_path / "run"
     with interruptions(signal_step=2):
-        assert _cli(digits_root, out, "run.stop_check_every=1") == C.EXIT_PREEMPTED
+        assert _cli(digits_root, out, "run.stop_check_every=1") == EXIT_PREEMPTED
     assert "stopped by SIGUSR2" in capsys.readouterr().err
     assert C.resolve_checkpoint(out).name == "step_00000002"
 
@@ -60,7 +62,7 @@ def test_a_run_that_died_during_set_up_starts_again_in_place(digits_root, tmp_pa
         raise RuntimeError("node lost during set-up")
 
     with monkeypatch.context() as mp:
-        mp.setattr(train, "build_model", node_lost)
+        mp.setattr(trainer_module, "build_model", node_lost)
         with pytest.raises(RuntimeError, match="node lost"):
             _cli(digits_root, out)
     assert (out / "config.yaml").is_file() and not (out / "checkpoints").exists()
@@ -77,16 +79,16 @@ def test_a_run_that_died_during_set_up_starts_again_in_place(digits_root, tmp_pa
 
 def test_non_finite_losses_stop_the_run_with_the_last_good_checkpoint(digits_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    original = train.Trainer.train_step
+    original = training.Trainer.train_step
 
     def poisoned(self, images, targets):  # from step 3 on the inputs are NaN: loss and weights too
         if self.state.step >= 2:
             images = torch.full_like(images, float("nan"))
         return original(self, images, targets)
 
-    monkeypatch.setattr(train.Trainer, "train_step", poisoned)
+    monkeypatch.setattr(training.Trainer, "train_step", poisoned)
     status = _cli(digits_root, out, "run.max_bad_steps=2", "run.stop_check_every=1", "run.checkpoint_every=2")
-    assert status == C.EXIT_DIVERGED
+    assert status == EXIT_DIVERGED
     err = capsys.readouterr()
     assert "3 steps with a non-finite loss (run.max_bad_steps=2) by step 5" in err.err
     assert "step 4: non-finite losses since the last check; no checkpoint written" in err.out
@@ -102,7 +104,7 @@ def test_tensorboard_drops_what_a_killed_attempt_logged_after_its_checkpoint(dig
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    original = train.Trainer.train_step
+    original = training.Trainer.train_step
 
     def crash_after_step_3(self, images, targets):  # step 3 was logged; step 4 never happens
         if self.state.step == 3:
@@ -112,10 +114,10 @@ def test_tensorboard_drops_what_a_killed_attempt_logged_after_its_checkpoint(dig
     def cli(*extra):
         for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
             os.environ.pop(var, None)
-        train.cli(["--config", DEMO, *tiny_overrides(digits_root, out), "run.checkpoint_every=2", *extra])
+        training.cli(["--config", DEMO, *tiny_overrides(digits_root, out), "run.checkpoint_every=2", *extra])
 
     with monkeypatch.context() as mp:
-        mp.setattr(train.Trainer, "train_step", crash_after_step_3)
+        mp.setattr(training.Trainer, "train_step", crash_after_step_3)
         with pytest.raises(RuntimeError, match="node lost"):
             cli("run.log_every=1")
     assert C.resolve_checkpoint(out).name == "step_00000002"
@@ -137,7 +139,7 @@ def test_a_failed_set_up_leaves_deterministic_mode_as_it_found_it(digits_root, t
     def node_lost(cfg):
         raise RuntimeError("node lost during set-up")
 
-    monkeypatch.setattr(train, "build_model", node_lost)
+    monkeypatch.setattr(trainer_module, "build_model", node_lost)
     assert not torch.are_deterministic_algorithms_enabled()
     with pytest.raises(RuntimeError, match="node lost"):
         _cli(digits_root, out, "run.deterministic=true")
@@ -149,7 +151,7 @@ def test_a_run_preempted_after_its_last_checkpoint_gets_its_final_alias_on_resum
     # before `final` is pointed. The next attempt has nothing left to train and must point it.
     out = tmp_path / "run"
     with interruptions(eval_epoch=1):
-        assert _cli(digits_root, out) == C.EXIT_PREEMPTED
+        assert _cli(digits_root, out) == EXIT_PREEMPTED
     assert C.resolve_checkpoint(out).name == "step_00000006"
     assert not (out / "checkpoints" / "final").exists()
     assert _cli(digits_root, out) == 0

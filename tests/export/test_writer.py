@@ -1,5 +1,5 @@
-"""spnet-export and spnet-eval end to end: DeepSpeed checkpoints (ZeRO 0/1/2, 1 and 2 ranks) ->
-model.safetensors + config.json -> load_model / timm / torchvision, and the bad-input errors."""
+"""spnet-export end to end: DeepSpeed checkpoints (ZeRO 0/1/2, 1 and 2 ranks) -> model.safetensors +
+config.json -> load_model / timm / torchvision, and the bad-input errors (one line, nothing written)."""
 import json
 import shutil
 import subprocess
@@ -11,52 +11,19 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from spnet_dist import eval_model, export
-from spnet_dist.config import save_config
+from spnet_dist import checkpoint as C
+from spnet_dist import export
+from spnet_dist.config import save_config, to_dict
 from spnet_dist.execution import execution_plan, set_execution
 from spnet_dist.export import ExportError
 from spnet_dist.inference import load_model
 
-from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import WORKERS, make_cfg, run_torchrun
-from .models.test_resnet import _randomize_bn
+from ..conftest import tiny_overrides
+from ..dist_helpers import make_cfg
+from ..models.test_resnet import _randomize_bn
+from .conftest import DEMO, error_line as _error_line, export_cli as _export_cli
 
-DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 TRAINING_ONLY = ("aux_heads.", "block_aligners.")
-
-
-def _export_cli(*args):
-    return subprocess.run([sys.executable, "-m", "spnet_dist.export", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, cwd=str(REPO_ROOT))
-
-
-def _error_line(done) -> str:
-    assert done.returncode == 2, done.stdout + done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr  # one line, no traceback
-    return lines[0]
-
-
-# --------------------------------------------------------------------------------------------
-# 2 ranks, ZeRO-2: the demo trained briefly by the real Trainer
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory, digits_root):
-    run = tmp_path_factory.mktemp("zero2") / "run"
-    run_torchrun(WORKERS / "checkpoint_job.py", 2,
-                 ["--config", DEMO, *tiny_overrides(digits_root, run), "engine.zero_stage=2", "run.max_steps=8"],
-                 timeout=1800)  # a shared 2-core machine can take 4x longer than idle
-    return run
-
-
-@pytest.fixture(scope="module")
-def zero2_export(zero2_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports") / "student"
-    done = _export_cli("--run", zero2_run, "--out", out)
-    assert done.returncode == 0, done.stderr
-    return out
 
 
 @pytest.mark.slow
@@ -113,25 +80,6 @@ def test_export_holds_no_teacher_heads_or_optimizer_state(zero2_run, zero2_expor
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_spnet_eval_reproduces_the_trainers_final_evaluation(zero2_run, zero2_export, digits_root, tmp_path):
-    record = json.loads((zero2_run / "metrics.jsonl").read_text().splitlines()[-1])
-    one = tmp_path / "one"
-    eval_model.cli(["--model", str(zero2_export), "--data", str(digits_root), "--batch-size", "50",
-                    "--device", "cpu", "--out", str(one)])
-    two = tmp_path / "two"
-    run_torchrun("-m", 2, ["spnet_dist.eval_model", "--model", str(zero2_export), "--data", str(digits_root),
-                                                "--batch-size", "64", "--device", "cpu", "--out", str(two)])
-    for out in (one, two):
-        report = json.loads((out / "report.json").read_text())
-        for key in ("top1", "gmacs", "gmacs_paper", "static_gmacs", "exec_rates", "images"):
-            assert report[key] == record[key], (out.name, key)
-        assert len(report["macs_per_image"]["values"]) == 360
-        assert (out / "exec_rates.png").stat().st_size > 0 and (out / "macs_hist.png").stat().st_size > 0
-    assert json.loads((two / "report.json").read_text())["world_size"] == 2
-
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
 def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_export, tmp_path):
     def broken_copy(name):
         run = tmp_path / name
@@ -146,23 +94,24 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_
 
     run, ckpt = broken_copy("no-tag")
     refused(run, "no such checkpoint", "--tag", "step_00000099")
+    # Every file is checked against the checkpoint's marker before anything is read.
     run, ckpt = broken_copy("rank-missing")
     (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    refused(run, "step_00000008: incomplete ZeRO checkpoint (Expected 2")
+    refused(run, "step_00000008: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing")
     run, ckpt = broken_copy("truncated")
     model_states = ckpt / "mp_rank_00_model_states.pt"
     model_states.write_bytes(model_states.read_bytes()[:5000])
-    refused(run, "mp_rank_00_model_states.pt: partial or corrupted")
+    refused(run, "step_00000008: mp_rank_00_model_states.pt has 5000 bytes")
     run, ckpt = broken_copy("no-model-states")
     (ckpt / "mp_rank_00_model_states.pt").unlink()
-    refused(run, "mp_rank_00_model_states.pt: missing")
+    refused(run, "step_00000008: mp_rank_00_model_states.pt is missing")
     run, ckpt = broken_copy("other-arch")
     config = (run / "config.yaml").read_text().replace("spnet_cifar_resnet20", "spnet_cifar_resnet32")
     (run / "config.yaml").write_text(config)
     refused(run, "step_00000008: weights do not fit GatedCifarResNet (missing 126")
     run, ckpt = broken_copy("bad-teacher")
     (ckpt / "teacher.safetensors").write_bytes(b"\x00" * 100)
-    refused(run, "teacher.safetensors: corrupted", "--weights", "teacher")
+    refused(run, "step_00000008: teacher.safetensors has 100 bytes", "--weights", "teacher")
 
     before = (zero2_export / "model.safetensors").read_bytes()
     line = _error_line(_export_cli("--run", zero2_run, "--out", zero2_export))
@@ -177,7 +126,7 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_
 
 @pytest.mark.slow
 def test_zero0_checkpoint_round_trip(tiny_config, own_process_group, tmp_path):
-    from spnet_dist.train import Trainer
+    from spnet_dist.training import Trainer
 
     cfg = tiny_config("engine.zero_stage=0", "run.max_steps=3")
     trainer = Trainer(cfg)
@@ -199,7 +148,7 @@ def test_zero0_checkpoint_round_trip(tiny_config, own_process_group, tmp_path):
 @pytest.mark.slow
 def test_resnet50_static_export_loads_strictly_into_torchvision(own_process_group, tmp_path):
     from spnet_dist.engine import build_engine
-    from spnet_dist.config import deepspeed_config
+    from spnet_dist.engine import deepspeed_config
     from spnet_dist.models import create_model, load_torchvision_weights
 
     torch.manual_seed(0)
@@ -215,7 +164,10 @@ def test_resnet50_static_export_loads_strictly_into_torchvision(own_process_grou
     engine, _, _ = build_engine(model, cfg.optim, cfg.schedule, deepspeed_config(cfg, 1), steps_per_epoch=1)
     run = tmp_path / "run"
     save_config(cfg, run / "config.yaml")
-    engine.save_checkpoint(str(run / "checkpoints"), tag="final")
+    snapshot = C.Snapshot(state=C.TrainState(), rank=C.RankState(rng=None, loader={}), teacher=None,
+                          config=to_dict(cfg), world_size=1, steps_per_epoch=1)
+    saved = C.save_snapshot(run / "checkpoints", engine, snapshot, rank=0, is_main=True, keep=1)
+    C.point_alias(run / "checkpoints", "final", saved.name)
 
     static = export.export(run, tmp_path / "static", static=True)
     backbone = torchvision.models.resnet50()
@@ -235,3 +187,51 @@ def test_resnet50_static_export_loads_strictly_into_torchvision(own_process_grou
     with pytest.raises(ExportError, match="--static: spnet_cifar_resnet20 has no torchvision equivalent"):
         cfg.model.name = "spnet_cifar_resnet20"
         export.static_state("spnet_cifar_resnet20", gated, 10)
+
+
+@pytest.mark.slow
+def test_a_swapped_deepspeed_file_is_refused_by_export_and_skipped_by_resume(two_checkpoints, digits_root,
+                                                                            tmp_path, own_process_group, capfd):
+    from spnet_dist import checkpoint as C
+    from spnet_dist.config import load_config
+    from spnet_dist.training import Trainer
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)
+    older, newest = run / "checkpoints" / "step_00000002", run / "checkpoints" / "step_00000004"
+    assert C.resolve_checkpoint(run, "final") == newest
+    # Another valid DeepSpeed file of the same run (a valid zip: its CRCs pass), wrong SHA-256.
+    swapped = newest / C.MODEL_STATES
+    swapped.write_bytes((older / C.MODEL_STATES).read_bytes())
+    out = tmp_path / "out"
+    line = _error_line(_export_cli("--run", run, "--out", out))
+    assert f"step_00000004: {C.MODEL_STATES} fails its SHA-256 check" in line, line
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # nothing written
+
+    capfd.readouterr()
+    cfg = load_config(DEMO, tiny_overrides(digits_root, run) + [
+        "engine.zero_stage=1", "run.max_steps=6", "run.checkpoint_every=2", "run.tensorboard=false"])
+    trainer = Trainer(cfg)
+    try:
+        printed = capfd.readouterr()
+        assert "step_00000004" in printed.err and C.MODEL_STATES in printed.err  # named, skipped
+        assert "resumed from step_00000002" in printed.out
+        assert trainer.state.step == 2
+    finally:
+        trainer._undo_deterministic()
+
+
+@pytest.mark.slow
+def test_export_reads_metrics_by_the_run_directorys_rule(two_checkpoints, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run, symlinks=True)
+    metrics = run / "metrics.jsonl"
+    record = json.loads(metrics.read_text().splitlines()[-1])
+    metrics.write_text(metrics.read_text() + '{"epoch": 2, "ste')  # killed during an append
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: torn last line ignored"):
+        out = export.export(run, tmp_path / "torn")
+    assert json.loads((out / "config.json").read_text())["measured"]["step"] == record["step"]
+    metrics.write_text('{"epo\n' + json.dumps(record) + "\n")  # a record lost in the middle
+    line = _error_line(_export_cli("--run", run, "--out", tmp_path / "middle"))
+    assert f"{metrics}:1: not a JSON record" in line, line
+    assert not (tmp_path / "middle").exists()

@@ -7,7 +7,7 @@ the trainer's final evaluation of the same weights). Writes ``report.json``,
 ``exec_rates.png`` (per-block execution rates) and ``macs_hist.png`` (per-image MACs).
 
     spnet-eval --model OUT --data DIR [--batch-size B] [--device cpu|cuda] [--out REPORT_DIR]
-    torchrun --nproc_per_node 2 -m spnet_dist.eval_model --model OUT --data DIR
+    torchrun --nproc_per_node 2 -m spnet_dist.export.eval_model --model OUT --data DIR
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from . import distributed as D
-from .data import build_eval_loader
-from .data.folder import ImageFolderDataset
-from .data.transforms import build_transform
-from .evaluate import evaluate
-from .flops import paper_units, profile_macs
-from .inference import ExportError, load_model, read_export_config
+from .. import distributed as D
+from ..data import build_eval_loader
+from ..data.folder import ImageFolderDataset
+from ..data.transforms import build_transform
+from ..evaluate import evaluate
+from ..flops import paper_units, profile_macs
+from ..inference import ExportError, load_model, read_export_config
 
 REPORT_FILE = "report.json"
 RATES_PNG = "exec_rates.png"

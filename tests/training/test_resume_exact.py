@@ -17,12 +17,12 @@ import torch
 
 from spnet_dist import checkpoint as C
 from spnet_dist import distributed as D
-from spnet_dist import train
+from spnet_dist import training
 from spnet_dist.config import load_config
 
-from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import WORKERS, child_env
-from .resume_hooks import interruptions
+from ..conftest import REPO_ROOT, tiny_overrides
+from ..dist_helpers import WORKERS, child_env
+from ..resume_hooks import interruptions
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,12 @@ def _attempt(cfg, **hooks):
     D.destroy()
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # set by the previous attempt's 1-rank group
         os.environ.pop(var, None)
-    trainer = train.Trainer(cfg)
+    trainer = training.Trainer(cfg)
     try:
         with interruptions(**hooks):
             trainer.fit()
         return trainer, None
-    except train.Preempted as err:
+    except training.Preempted as err:
         return trainer, err
     finally:
         trainer._undo_deterministic()

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .execution import reset_execution
-from .models.resnet import GatedResNet
+from ..execution import reset_execution
+from ..models.resnet import GatedResNet
 
 ONNX_FILE = "model.masked.onnx"
 

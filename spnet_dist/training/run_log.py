@@ -1,4 +1,4 @@
-"""What a run tells the world: metrics.jsonl, TensorBoard scalars, progress, the final table.
+"""What a run tells the world: evaluation records, TensorBoard scalars, progress, the final table.
 
 Only the main process writes or prints; every other rank gets a logger that does nothing, so
 the training loop never branches on the rank. Progress bars are for terminals: in a SLURM
@@ -7,17 +7,18 @@ log (stdout not a TTY) a bar redrawn with carriage returns becomes megabytes of 
 """
 from __future__ import annotations
 
-import json
+import os
 import sys
-from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
 from tqdm import tqdm
+
+from ..run_dir import RunDirectory
 
 
 class RunLogger:
     """Args:
-    out_dir: the run directory (created by the caller).
+    run_dir: the run directory (created by the caller).
     enabled: False on every rank but the main one.
     progress: "auto" | "bar" | "log" | "none" (config ``run.progress``).
     tensorboard: write TensorBoard scalars under ``out_dir/tensorboard``.
@@ -25,9 +26,9 @@ class RunLogger:
         are superseded).
     """
 
-    def __init__(self, out_dir: Path, enabled: bool, progress: str = "auto", tensorboard: bool = True,
-                 purge_step: Optional[int] = None) -> None:
-        self.out_dir = Path(out_dir)
+    def __init__(self, run_dir: Union[RunDirectory, str, os.PathLike], enabled: bool, progress: str = "auto",
+                 tensorboard: bool = True, purge_step: Optional[int] = None) -> None:
+        self.run_dir = RunDirectory(run_dir)
         self.enabled = enabled
         if progress == "auto":
             progress = "bar" if sys.stdout.isatty() else "log"
@@ -39,7 +40,7 @@ class RunLogger:
 
             # A resumed run logs again the steps after its checkpoint that a killed attempt had
             # already logged: purge_step makes TensorBoard drop those earlier events.
-            self._writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge_step)
+            self._writer = SummaryWriter(str(self.run_dir.tensorboard), purge_step=purge_step)
 
     # ------------------------------------------------------------------ progress
     def start_epoch(self, epoch: int, total_steps: int) -> None:
@@ -87,11 +88,10 @@ class RunLogger:
                 self._writer.add_scalar(key, value, step)
 
     def metrics(self, record: Mapping[str, Any]) -> None:
-        """Append one evaluation record to metrics.jsonl (one JSON object per line)."""
+        """Append one evaluation record to the run's metrics file (one JSON object per line)."""
         if not self.enabled:
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.run_dir.append_metrics(record)
         flat = {f"eval/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}
         self.scalars(flat, record["step"])
 

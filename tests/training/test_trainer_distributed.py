@@ -5,13 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spnet_dist import train
-from spnet_dist.data import build_eval_loader
-from spnet_dist.flops import profile_macs
 from spnet_dist.config import load_config
+from spnet_dist.data import build_datasets, build_eval_loader
+from spnet_dist.flops import profile_macs
+from spnet_dist.models.from_config import build_model
+from spnet_dist.training.reproducibility import seed_everything
 
-from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import (WORKERS, assert_evaluation_matches, hand_evaluation, run_deepspeed, run_torchrun,
+from ..conftest import REPO_ROOT, tiny_overrides
+from ..dist_helpers import (WORKERS, assert_evaluation_matches, hand_evaluation, run_deepspeed, run_torchrun,
                            run_torchrun_nodes)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -47,9 +48,9 @@ def test_two_ranks_zero2_teacher_bit_identical_and_eval_matches_a_hand_evaluatio
     record = json.loads((out / "record.json").read_text())
     assert record["step"] == 20
     cfg = load_config(DEMO, tiny_overrides(digits_root, out / "run"))
-    model = train.build_model(cfg)
+    model = build_model(cfg)
     model.load_state_dict(s0)
-    _, val_set = train.build_datasets(cfg.data)
+    _, val_set = build_datasets(cfg.data)
     images, targets = (torch.cat(parts) for parts in zip(*build_eval_loader(val_set, 1000)))
     assert_evaluation_matches(record, hand_evaluation(model, images, targets, profile_macs(model, (8, 8))))
 
@@ -65,8 +66,8 @@ def test_gradient_averaging_two_ranks_equals_accumulation_on_one(digits_root, tm
     run_torchrun(WORKERS / "spnet_job.py", 1, ["grad", *_job(digits_root, one, *common, "engine.grad_accum=2")])
     a, b = load_file(str(two / "student_rank0.safetensors")), load_file(str(one / "student_rank0.safetensors"))
     cfg = load_config(DEMO, tiny_overrides(digits_root, tmp_path / "x") + common)
-    train.seed_everything(cfg.run.seed)  # the Trainer's initial weights
-    init = train.build_model(cfg).state_dict()
+    seed_everything(cfg.run.seed)  # the Trainer's initial weights
+    init = build_model(cfg).state_dict()
     moved = 0
     for key, value in a.items():
         if not value.is_floating_point() or "running_" in key:

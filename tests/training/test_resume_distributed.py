@@ -11,12 +11,11 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file
 
 from spnet_dist import checkpoint as C
-from spnet_dist import distributed as D
-from spnet_dist import train
+from spnet_dist import training
 from spnet_dist.config import load_config
 
-from .conftest import REPO_ROOT, tiny_overrides
-from .dist_helpers import WORKERS, free_port, run_command
+from ..conftest import REPO_ROOT, tiny_overrides
+from ..dist_helpers import WORKERS, free_port, run_command
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -46,7 +45,7 @@ def test_world_size_two_to_one_resumes_by_the_documented_rule(digits_root, tmp_p
 
     # Next attempt on one rank (a requeue onto fewer nodes), in this process.
     cfg = load_config(DEMO, overrides)
-    trainer = train.Trainer(cfg)
+    trainer = training.Trainer(cfg)
     try:
         assert "world size 2 -> 1: SGD momentum restarts from zero" in capsys.readouterr().out
         assert trainer.state.step == 5 and trainer.engine.global_steps == 5

@@ -1,24 +1,11 @@
 """spnet-export: a training checkpoint -> ``model.safetensors`` + ``config.json`` for inference.
 
-Reads one checkpoint of a run directory::
-
-    RUN/config.yaml                 the resolved config (architecture, preprocessing)
-    RUN/metrics.jsonl               last record: measured execution rates and MACs
-    RUN/checkpoints/latest          DeepSpeed's text file naming a tag
-    RUN/checkpoints/<tag>/          engine.save_checkpoint(RUN/checkpoints, tag) on every rank
-        mp_rank_00_model_states.pt              module state (buffers; all weights with ZeRO 0)
-        *_optim_states.pt                       ZeRO 1/2: one fp32 master-weight shard per rank
-        teacher.safetensors                     the EMA teacher (same keys as the student)
-
-Student weights are consolidated with DeepSpeed's own utility
-(``deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint``: fp32 master shards
-of every rank + buffers of rank 0; BN buffers are identical across ranks because the trainer
-averages them after every step). It needs no process group and no GPU. ZeRO 0 writes no
-shards: the full fp32 state is the ``module`` entry of ``mp_rank_00_model_states.pt``, which
-is what DeepSpeed's engine itself loads for stage 0.
-
-DeepSpeed's ``.pt`` files are pickles; they are read only from the run's own checkpoint
-directory (written by this project's trainer), never from the export. The export itself is
+Reads one checkpoint of a run directory through :mod:`spnet_dist.checkpoint`: the one resolver
+and validator (every file checked against the checkpoint's SHA-256 marker, every rank's part
+present: a swapped or half-synced file is refused by name, nothing is written), then the
+student's weights consolidated from DeepSpeed's files or the teacher's safetensors file.
+``RUN/config.yaml`` gives the architecture and preprocessing, the last record of
+``RUN/metrics.jsonl`` the measured execution rates and MACs. The export itself is
 safetensors + JSON: loading it never unpickles.
 
 Written atomically: everything goes to a temporary sibling directory that is renamed to OUT
@@ -27,30 +14,26 @@ at the end, so OUT holds a complete export or nothing new.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import io
 import json
 import os
 import platform
 import shutil
 import sys
-import zipfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import IMAGENET_MODELS, Config, ConfigError, load_config, to_dict
-from .inference import (CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, load_state_strict,
-                        read_weights)
-from .models.resnet import GatedResNet
+from ..checkpoint import TEACHER_FILE, CheckpointError, resolve_checkpoint, student_weights, teacher_weights
+from ..config import IMAGENET_MODELS, Config, ConfigError, load_config, to_dict
+from ..inference import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, load_state_strict
+from ..models.from_config import build_model
+from ..models.resnet import GatedResNet
+from ..run_dir import MetricsError, RunDirectory
 
 TAGS_HELP = "final | best | latest | <tag> (a directory under RUN/checkpoints)"
-MODEL_STATES = "mp_rank_00_model_states.pt"
-OPTIM_STATES_GLOB = "*_optim_states.pt"
-TEACHER_FILE = "teacher.safetensors"
 TORCHVISION_NAMES = {"spnet_resnet50": "resnet50", "spnet_resnet101": "resnet101"}
 _VERSIONED = ("torch", "torchvision", "timm", "safetensors", "deepspeed", "spnet-dist")
 
@@ -60,109 +43,9 @@ _VERSIONED = ("torch", "torchvision", "timm", "safetensors", "deepspeed", "spnet
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(run_dir: Path, tag: str) -> Path:
-    """The checkpoint directory of ``tag`` (``latest`` follows DeepSpeed's ``latest`` file).
-
-    Raises:
-        ExportError: the run, its checkpoints or the tag do not exist.
-    """
-    save_dir = run_dir / "checkpoints"
-    if not save_dir.is_dir():
-        raise ExportError(f"{save_dir}: no checkpoints directory (is {run_dir} a run directory?)")
-    if tag == "latest":
-        latest = save_dir / "latest"
-        if not latest.is_file():
-            raise ExportError(f"{latest}: not found (DeepSpeed writes it with every checkpoint)")
-        tag = latest.read_text().strip()
-    if not tag or "/" in tag or tag in (".", ".."):
-        raise ExportError(f"--tag: {tag!r} is not a checkpoint tag ({TAGS_HELP})")
-    ckpt = save_dir / tag
-    if not ckpt.is_dir():
-        found = sorted(p.name for p in save_dir.iterdir() if p.is_dir())
-        raise ExportError(f"{ckpt}: no such checkpoint (found: {', '.join(found) or 'none'})")
-    # best / final may be symlinks to a step directory: name the real one in messages and config
-    return ckpt.resolve() if ckpt.is_symlink() else ckpt
-
-
-def _check_archive(path: Path) -> None:
-    # torch.save files are zip archives: a truncated or half-copied file fails the CRC check
-    # here, before anything is unpickled, and the error can name the file.
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ExportError(f"{path}: partial or corrupted DeepSpeed checkpoint file ({err})") from None
-    if bad is not None:
-        raise ExportError(f"{path}: partial or corrupted DeepSpeed checkpoint file (bad member {bad})")
-
-
-def check_checkpoint_files(ckpt: Path, zero_stage: int) -> list[Path]:
-    """DeepSpeed's files of a checkpoint directory, checked complete; returns the optimizer shards.
-
-    Raises:
-        ExportError: the model-state file is missing, ZeRO 1/2 shards are missing, or a file
-            is truncated.
-    """
-    model_states = ckpt / MODEL_STATES
-    if not model_states.is_file():
-        raise ExportError(f"{model_states}: missing; {ckpt} is not a complete DeepSpeed checkpoint")
-    shards = sorted(ckpt.glob(OPTIM_STATES_GLOB))
-    if zero_stage > 0 and not shards:
-        raise ExportError(f"{ckpt}: no {OPTIM_STATES_GLOB} files; a ZeRO {zero_stage} checkpoint holds one per rank")
-    for path in [model_states, *shards]:
-        _check_archive(path)
-    return shards
-
-
-def consolidate_student(ckpt: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """fp32 student state dict of a DeepSpeed checkpoint, without a process group.
-
-    Args:
-        ckpt: the tag directory.
-        zero_stage: the run's ``engine.zero_stage``.
-    """
-    check_checkpoint_files(ckpt, zero_stage)
-    if zero_stage == 0:
-        # No ZeRO shards: DeepSpeed's engine loads checkpoint["module"] for stage 0, and so do
-        # we. A pickle, read only from the run's own checkpoint directory.
-        path = ckpt / MODEL_STATES
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means a bad file
-            raise ExportError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
-        if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
-            raise ExportError(f"{path}: no 'module' state dict; not a DeepSpeed model-state file")
-        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
-
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    chatter = io.StringIO()  # DeepSpeed prints progress bars and notes: keep errors one line
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        # e.g. "Expected 2 of '*_optim_states.pt' ... but found 1 files" (a rank never saved)
-        raise ExportError(f"{ckpt}: incomplete ZeRO checkpoint ({' '.join(str(err).split())})") from None
-    return dict(state)
-
-
-def last_metrics(run_dir: Path) -> Optional[dict[str, Any]]:
-    """The last record of ``RUN/metrics.jsonl`` (None if the run never evaluated)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if not lines:
-        return None
-    try:
-        return json.loads(lines[-1])
-    except json.JSONDecodeError as err:
-        raise ExportError(f"{path}: last line is not JSON ({err})") from None
-
-
 def _class_names(cfg: Config) -> Optional[list[str]]:
     # The class folders of an ImageNet-layout root give the label order the trainer used.
-    from .data import DEFAULT_DIGITS_ROOT
+    from ..data import DEFAULT_DIGITS_ROOT
 
     if cfg.data.format == "cifar":
         return None
@@ -190,8 +73,6 @@ def _versions() -> dict[str, Optional[str]]:
 
 def training_model(cfg: Config) -> GatedResNet:
     """The student exactly as the trainer built it (stage heads, block aligners), random weights."""
-    from .train import build_model
-
     arch = copy.deepcopy(cfg)
     arch.model.torchvision_weights = None  # only an initialisation; the checkpoint overwrites it
     return build_model(arch)
@@ -232,19 +113,19 @@ def export_config(cfg: Config, slim: GatedResNet, weights: str = "student", stat
         run_dir: the run directory (its last metrics record is copied); None: not from a run.
         ckpt: the checkpoint directory exported.
     """
-    from .data.transforms import CIFAR_MEAN, CIFAR_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, resolve_augment
-    from .flops import profile_macs
+    from ..data.transforms import CIFAR_MEAN, CIFAR_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, resolve_augment
+    from ..flops import profile_macs
 
     recipe = resolve_augment(cfg.data.augment, cfg.data.format)
     mean, std = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar": (CIFAR_MEAN, CIFAR_STD)}.get(recipe, (HALF, HALF))
     size = cfg.data.image_size
     profile = profile_macs(slim, (size, size))
-    record = last_metrics(run_dir) if run_dir is not None else None
+    record = RunDirectory(run_dir).last_metrics() if run_dir is not None else None
     measured = None
     if record is not None:
         measured = {k: record.get(k) for k in ("epoch", "step", "top1", "gmacs", "gmacs_paper", "static_gmacs",
                                                "mac_ratio", "exec_rate", "exec_rates", "images")}
-        measured["source"] = "last record of metrics.jsonl (evaluation of the student, closed blocks skipped)"
+        measured["source"] = f"last record of {RunDirectory.METRICS} (evaluation of the student, closed blocks skipped)"
     return {
         "format": EXPORT_FORMAT,
         "static": static,
@@ -355,30 +236,35 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "final", weights: st
     if weights not in ("student", "teacher"):
         raise ExportError(f"--weights: must be 'student' or 'teacher', got {weights!r}")
     check_out(out)
-    config_path = run_dir / "config.yaml"
+    config_path = RunDirectory(run_dir).config
     if not config_path.is_file():
         raise ExportError(f"{config_path}: not found (is {run_dir} a run directory?)")
     try:
         cfg = load_config(config_path, check_paths=False, world_size=1)
     except ConfigError as err:
         raise ExportError(str(err)) from None
-    ckpt = resolve_checkpoint(run_dir, tag)
-    if weights == "teacher":
-        check_checkpoint_files(ckpt, cfg.engine.zero_stage)
-        source = ckpt / TEACHER_FILE
-        state = read_weights(source)
-    else:
-        source = ckpt
-        state = consolidate_student(ckpt, cfg.engine.zero_stage)
+    try:
+        ckpt = resolve_checkpoint(run_dir, tag)  # every file checked against the checkpoint's marker
+        if weights == "teacher":
+            source = ckpt / TEACHER_FILE
+            state = teacher_weights(ckpt)
+        else:
+            source = ckpt
+            state = student_weights(ckpt)
+    except CheckpointError as err:
+        raise ExportError(str(err)) from None
     slim, slim_state = inference_state(cfg, state, source)
     if static:
         slim_state = static_state(cfg.model.name, slim, cfg.model.num_classes)
-    config = export_config(cfg, slim, weights, static, run_dir, ckpt)
+    try:
+        config = export_config(cfg, slim, weights, static, run_dir, ckpt)
+    except MetricsError as err:
+        raise ExportError(str(err)) from None
     files: dict[str, Any] = {WEIGHTS_FILE: slim_state, CONFIG_FILE: config}
     if onnx:
         if static:
             raise ExportError("--onnx: exports the gated network; drop --static")
-        from .export_onnx import ONNX_FILE, export_onnx
+        from .onnx import ONNX_FILE, export_onnx
 
         files[ONNX_FILE] = lambda path: export_onnx(slim, path, cfg.data.image_size)
     write_atomically(out, files)
