@@ -3,7 +3,7 @@
 Importing the package registers the SP-Net models with timm. ``load_model`` opens an
 ``spnet-export`` directory with torch + safetensors only (DeepSpeed is never imported).
 """
-from .inference import load_model
+from .export.inference import load_model
 from .models import MODEL_NAMES, SPNetOutput, create_model
 
 __version__ = "0.1.0"

@@ -4,9 +4,11 @@
   ``OUT/model.safetensors`` + ``OUT/config.json``, through the checkpoint package's resolver and
   validator and its safe loading;
 * :mod:`.eval_model`: ``spnet-eval``: an export evaluated on an image folder, on 1 or N ranks;
-* :mod:`.onnx`: the masked (dense) form as ONNX.
+* :mod:`.onnx`: the masked (dense) form as ONNX;
+* :mod:`.inference`: opening an export, :func:`spnet_dist.load_model` (torch + safetensors only),
+  and the timm entry points whose ``pretrained=True`` loads one.
 
-Opening an export is :func:`spnet_dist.load_model` (torch + safetensors only). Nothing here
+Nothing here
 imports the trainer: the network comes from ``spnet_dist.models.from_config``, the checkpoint
 from ``spnet_dist.checkpoint``, the measured rates from ``spnet_dist.run_dir``.
 
@@ -21,7 +23,7 @@ __all__ = ["ExportError", "cli", "export", "export_config", "export_module", "st
 
 def __getattr__(name: str) -> Any:
     if name == "ExportError":
-        from ..inference import ExportError
+        from .inference import ExportError
 
         return ExportError
     if name in __all__:

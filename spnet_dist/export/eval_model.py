@@ -29,7 +29,7 @@ from ..data.folder import ImageFolderDataset
 from ..data.transforms import build_transform
 from ..evaluate import evaluate
 from ..flops import paper_units, profile_macs
-from ..inference import ExportError, load_model, read_export_config
+from .inference import ExportError, load_model, read_export_config
 
 REPORT_FILE = "report.json"
 RATES_PNG = "exec_rates.png"

@@ -28,7 +28,7 @@ import torch
 
 from ..checkpoint import TEACHER_FILE, CheckpointError, resolve_checkpoint, student_weights, teacher_weights
 from ..config import IMAGENET_MODELS, Config, ConfigError, load_config, to_dict
-from ..inference import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, load_state_strict
+from .inference import CONFIG_FILE, EXPORT_FORMAT, WEIGHTS_FILE, ExportError, load_state_strict
 from ..models.from_config import build_model
 from ..models.resnet import GatedResNet
 from ..run_dir import MetricsError, RunDirectory

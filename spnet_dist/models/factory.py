@@ -2,7 +2,7 @@
 
 ``create_model`` builds by name from this module's own table; timm's registry is not involved
 (the timm entrypoints, whose ``pretrained=True`` opens an ``spnet-export`` file, are registered
-by ``spnet_dist.inference`` on ``import spnet_dist`` and call ``create_model``).
+by ``spnet_dist.export.inference`` on ``import spnet_dist`` and call ``create_model``).
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from spnet_dist import export
 from spnet_dist.config import save_config, to_dict
 from spnet_dist.execution import execution_plan, set_execution
 from spnet_dist.export import ExportError
-from spnet_dist.inference import load_model
+from spnet_dist.export.inference import load_model
 
 from ..conftest import tiny_overrides
 from ..dist_helpers import make_cfg

@@ -29,10 +29,10 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from .execution import (check_execution, check_per_image_stages, check_skip_strategy, optimize_for_inference,
+from ..execution import (check_execution, check_per_image_stages, check_skip_strategy, optimize_for_inference,
                         set_execution)
-from .models.factory import MODEL_NAMES, create_model
-from .models.resnet import GatedResNet
+from ..models.factory import MODEL_NAMES, create_model
+from ..models.resnet import GatedResNet
 
 EXPORT_FORMAT = "spnet-dist-export/1"
 WEIGHTS_FILE = "model.safetensors"

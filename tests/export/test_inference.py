@@ -1,4 +1,4 @@
-"""spnet_dist.inference: load_model / timm loading of an export, without DeepSpeed, never unpickling; timm registration."""
+"""spnet_dist.export.inference: load_model / timm loading of an export, without DeepSpeed, never unpickling; timm registration."""
 import json
 import subprocess
 import sys
@@ -12,10 +12,10 @@ from spnet_dist.config import Config
 from spnet_dist.device_audit import HostSyncCounter
 from spnet_dist.execution import SkippingBlock, execution_plan, set_execution
 from spnet_dist.export import export_module
-from spnet_dist.inference import ExportError, load_model
+from spnet_dist.export.inference import ExportError, load_model
 from spnet_dist.models import MODEL_NAMES, create_model
 
-from .models.test_resnet import _mixed_routers
+from ..models.test_resnet import _mixed_routers
 
 
 def _cfg(name="spnet_cifar_resnet20", size=32):
