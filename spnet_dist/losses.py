@@ -4,7 +4,7 @@
 
 Every function takes tensors (or ``SPNetOutput`` objects) and returns a scalar tensor; nothing
 here holds state. Where the official code (huanyuhello/SP-Net) differs from the paper, the
-paper form is the default and the code form is selectable (design brief §3).
+paper form is the default and the code form is selectable (docs/paper_fidelity.md).
 
 All terms are computed in fp32 whatever the autocast dtype of the inputs: the distillation terms
 are small differences of similar numbers and bf16 would round them away. Teacher tensors are

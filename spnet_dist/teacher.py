@@ -11,7 +11,7 @@ accumulation): m is defined per step (paper m = 0.7 / 0.6 on CIFAR, official cod
 ImageNet), so calling it more often silently shortens the teacher's memory. The trainer enforces
 this; the teacher only counts the calls (``num_updates``, saved with the state).
 
-Cross-rank rule (distributed training, design brief §4; the trainer does the communication):
+Cross-rank rule (distributed training; the trainer does the communication, docs/training.md):
 
 - Parameters. After each optimizer step every rank holds bit-identical student parameters, and
   the update is a deterministic elementwise op, so the teacher's parameters stay bit-identical on
