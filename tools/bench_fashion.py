@@ -1,6 +1,6 @@
 """Benchmark: the Fashion-MNIST recipe's cost per training and per evaluated image, by method and resolution.
 
-Per-image mode (default), one case per process (``--config``, ``--size``): builds the real :class:`spnet_dist.train.Trainer`
+Per-image mode (default), one case per process (``--config``, ``--size``): builds the real :class:`spnet_dist.training.trainer.Trainer`
 (DeepSpeed engine, teacher, losses, the fashion_mnist loader in the main process) in a temporary
 directory, trains ``--warmup`` steps untimed, then ``--steps`` timed steps, then evaluates the
 validation split once. Prints one JSON line: CPU seconds (``time.process_time``: all threads of
@@ -33,7 +33,7 @@ from spnet_dist import distributed as D
 from spnet_dist.config import load_config
 from spnet_dist.data import build_test_loader
 from spnet_dist.evaluate import evaluate
-from spnet_dist.train import Trainer
+from spnet_dist.training.trainer import Trainer
 
 
 def whole_run(cfg) -> dict:
