@@ -188,6 +188,14 @@ class DataConfig:
     on_corrupt: str = _help(
         "an undecodable/truncated image: 'error' (stop, naming the file) | 'skip' (report, count, "
         "replace it by another image of the rank's share so batches stay full)", default="error")
+    dali_dont_use_mmap: bool = _help(
+        "DALI file reader: plain reads instead of mmap. true suits a cluster's network filesystem (DALI's "
+        "docs: mmap is slow on most of them; a mapped file is read when the decoder touches it, outside "
+        "the reader's prefetch); false saves a copy per file on a local disk", default=True)
+    dali_prefetch_queue_depth: int = _help(
+        "DALI file reader: batches of encoded files read ahead of decoding (fn.readers.file "
+        "prefetch_queue_depth, DALI's default 1); absorbs latency spikes of a network filesystem at "
+        "a few tens of MB of host memory per batch of ImageNet JPEGs", default=4)
 
 
 @dataclass
@@ -706,6 +714,7 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     need(d.image_size >= 8, "data.image_size", "must be >= 8")
     need(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(d.eval_batch_size >= 1, "data.eval_batch_size", "must be >= 1")
+    need(d.dali_prefetch_queue_depth >= 1, "data.dali_prefetch_queue_depth", "must be >= 1")
     if d.backend == "dali" and d.format in ("cifar", "fashion_mnist"):
         fail("data.backend", f"'dali' reads JPEG folders (imagefolder, digits); data.format {d.format!r} is "
                              "held in memory as uint8 arrays (no JPEG to decode): use 'torchvision' (or 'auto')")

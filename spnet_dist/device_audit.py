@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["DeviceAudit", "HostSyncCounter", "FACTORIES", "SYNC_CALLS"]
+__all__ = ["DeviceAudit", "HostSyncCounter", "FACTORIES", "SYNC_CALLS", "SYNC_FUNCTIONS"]
 
 # Factory functions that place their result on the default (CPU) device unless told otherwise.
 FACTORIES = frozenset({
@@ -34,13 +34,31 @@ FACTORIES = frozenset({
 })
 
 # Tensor methods and functions that copy a value to the host (a sync on CUDA) or, like nonzero,
-# need a device value to know their output's shape.
+# need a device value to know their output's shape. ``bool(t)`` reaches the mode as
+# ``Tensor.__bool__``; ``is_nonzero`` is the same read spelled as a call (torch.compile's dynamo
+# turns ``if t:`` into it), so both are listed.
 SYNC_CALLS = {
     torch.Tensor.item: "item", torch.Tensor.tolist: "tolist", torch.Tensor.__bool__: "bool",
-    torch.Tensor.__float__: "float", torch.Tensor.__int__: "int", torch.Tensor.nonzero: "nonzero",
-    torch.nonzero: "nonzero", torch.Tensor.cpu: "cpu", torch.Tensor.numpy: "numpy",
+    torch.Tensor.is_nonzero: "is_nonzero", torch.is_nonzero: "is_nonzero",
+    torch.Tensor.__float__: "float", torch.Tensor.__int__: "int", torch.Tensor.__index__: "index",
+    torch.Tensor.nonzero: "nonzero", torch.nonzero: "nonzero", torch.Tensor.argwhere: "nonzero",
+    torch.argwhere: "nonzero", torch.Tensor.cpu: "cpu", torch.Tensor.numpy: "numpy",
     torch.masked_select: "masked_select", torch.Tensor.masked_select: "masked_select",
+    torch.equal: "equal", torch.Tensor.equal: "equal", torch.allclose: "allclose",
+    torch.Tensor.allclose: "allclose", torch.unique: "unique", torch.Tensor.unique: "unique",
 }
+
+# Functions that block the host until the device has finished: ``(owner, attribute, name)``,
+# patched by HostSyncCounter while it is active (they never reach a TorchFunctionMode). Only
+# calls that look the attribute up at call time are seen (``torch.cuda.synchronize()``, not a
+# ``from torch.cuda import synchronize`` bound earlier).
+SYNC_FUNCTIONS = (
+    (torch.cuda, "synchronize", "torch.cuda.synchronize"),
+    (torch.cpu, "synchronize", "torch.cpu.synchronize"),
+    (torch.accelerator, "synchronize", "torch.accelerator.synchronize"),
+    (torch.cuda.Event, "synchronize", "torch.cuda.Event.synchronize"),
+    (torch.cuda.Stream, "synchronize", "torch.cuda.Stream.synchronize"),
+)
 
 _PACKAGE = str(Path(__file__).resolve().parent)
 # Host-side by design: the data pipeline builds CPU batches (pinned, then copied non_blocking).
@@ -88,8 +106,13 @@ class DeviceAudit(TorchFunctionMode):
 
 
 class HostSyncCounter(TorchFunctionMode):
-    """Count host-device synchronisations: value reads (``item``, ``float(t)``, ``nonzero`` ...)
-    by anyone, and ``synchronize()`` calls on DeepSpeed's accelerator.
+    """Count host-device synchronisations made by anyone (this package, DeepSpeed, torch).
+
+    Value reads seen by the torch-function mode (:data:`SYNC_CALLS`: ``item``, ``bool(t)``,
+    ``float(t)``, ``int(t)``, ``tolist``, ``cpu``, ``nonzero``, ...) and blocking waits
+    (:data:`SYNC_FUNCTIONS`, counted as ``"torch.cuda.synchronize"``, ``"torch.cuda.Event.synchronize"``
+    ...; DeepSpeed's ``get_accelerator().synchronize()`` as ``"accelerator.synchronize"``). On
+    CUDA a DeepSpeed accelerator sync also counts as the ``torch.cuda.synchronize`` it calls.
 
     Args:
         patch_accelerator: also count ``deepspeed.accelerator.get_accelerator().synchronize``.
@@ -100,30 +123,41 @@ class HostSyncCounter(TorchFunctionMode):
         self.counts: Counter[str] = Counter()
         self._patch = patch_accelerator
         self._accelerator: Any = None
+        self._restore: list[tuple[Any, str, Any]] = []
 
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    def _counting(self, name: str, original: Any) -> Any:
+        counts = self.counts
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            counts[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
     def __enter__(self) -> "HostSyncCounter":
+        for owner, attr, name in SYNC_FUNCTIONS:
+            original = getattr(owner, attr)
+            self._restore.append((owner, attr, original))
+            setattr(owner, attr, self._counting(name, original))
         if self._patch:
             from deepspeed.accelerator import get_accelerator
 
             self._accelerator = get_accelerator()
-            original = type(self._accelerator).synchronize
-            counts = self.counts
-
-            def synchronize(*args: Any, **kwargs: Any) -> Any:
-                counts["accelerator.synchronize"] += 1
-                return original(self._accelerator, *args, **kwargs)
-
-            self._accelerator.synchronize = synchronize  # instance attribute shadows the method
+            # instance attribute shadows the method (the bound method is what DeepSpeed calls)
+            self._accelerator.synchronize = self._counting("accelerator.synchronize", self._accelerator.synchronize)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         if self._accelerator is not None:
             del self._accelerator.synchronize
             self._accelerator = None
+        for owner, attr, original in reversed(self._restore):
+            setattr(owner, attr, original)
+        self._restore.clear()
         super().__exit__(*exc)
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

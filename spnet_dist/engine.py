@@ -58,6 +58,7 @@ __all__ = [
     "WARMUP_START_FACTOR",
     "DEEPSPEED_DEFAULT_BUCKET",
     "zero_bucket_size",
+    "needs_grad_norm",
     "deepspeed_config",
     "build_optimizer",
     "build_scheduler",
@@ -99,6 +100,29 @@ def zero_bucket_size(cfg: Any, num_parameters: int | None) -> int:
     return max(1, min(int(num_parameters), DEEPSPEED_DEFAULT_BUCKET))
 
 
+def needs_grad_norm(cfg: Any) -> bool:
+    """Whether the ZeRO 1/2 optimizer must compute the global gradient norm at every step.
+
+    DeepSpeed 0.19.8's ``DeepSpeedZeroOptimizer.step`` (fp32 parameters, as ``torch_autocast``
+    keeps them) all-reduces the norm and reads ``is_invalid_grad_norm(norm)`` on the host
+    (``bool(tensor)``): one host sync per step. Two things need it:
+
+    * ``engine.clip_grad``: clipping scales by the norm (measured: 2 host reads per step, the
+      check in ``step`` and again in ``unscale_and_clip_grads``; ZeRO 0 clips on the device);
+    * ``fp16``: the invalid norm IS the overflow check that skips a step whose gradients
+      overflowed (plus the GradScaler's own ``found_inf`` read: 1 ``bool`` + 1 ``item`` per step).
+
+    Otherwise ``zero_optimization.compute_grad_norm: false`` (allowed by DeepSpeed only when
+    ``gradient_clipping`` is 0) removes both the all-reduce and the read. A non-finite step is
+    then applied, as at ZeRO 0, and counted on the device by the trainer's stop check
+    (``run.max_bad_steps``, docs/checkpoints.md#fail-fast).
+
+    Args:
+        cfg: the run config.
+    """
+    return cfg.engine.clip_grad is not None or cfg.engine.precision == "fp16"
+
+
 def deepspeed_config(cfg: Any, world_size: int | None = None, num_parameters: int | None = None) -> dict:
     """The DeepSpeed config dict derived from ``cfg`` (the only place it is written).
 
@@ -121,6 +145,11 @@ def deepspeed_config(cfg: Any, world_size: int | None = None, num_parameters: in
     if e.zero_stage == 2:
         # Skipped blocks leave parameters without gradients in a step: ZeRO-2 must tolerate them.
         zero.update(overlap_comm=False, contiguous_gradients=True, ignore_unused_parameters=True)
+    if e.zero_stage in (1, 2) and not needs_grad_norm(cfg):
+        # The ZeRO 1/2 optimizer all-reduces the gradient norm and reads is_invalid_grad_norm()
+        # with bool(tensor) at every step: a host sync per step. Nothing needs the norm unless we
+        # clip or fp16 must detect overflow (docs/library-facts.md#deepspeed).
+        zero["compute_grad_norm"] = False
     autocast_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[e.precision]
     autocast: dict[str, Any] = {"enabled": e.precision != "fp32", "dtype": autocast_dtype}
     if e.grad_reduce == "fp32":

@@ -17,6 +17,7 @@ are not part of the inference network and are never counted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -65,10 +66,24 @@ class MacProfile:
         total = self.fixed + sum(self.residual)
         return total if include_routers else total - self.router_total
 
+    @cached_property
+    def _residual_on(self) -> dict[torch.device, Tensor]:
+        return {}  # not a field: equality, repr and the exported config ignore it
+
+    def residual_tensor(self, device: torch.device) -> Tensor:
+        """(N,) float64 residual MACs on ``device``, built once per device.
+
+        Not per batch: a tensor built from a Python tuple on CUDA is a blocking host-to-device
+        copy. Every value is an integer below 2**53, exact in float64.
+        """
+        cache = self._residual_on
+        if device not in cache:
+            cache[device] = torch.tensor(self.residual, dtype=torch.float64, device=device)
+        return cache[device]
+
     def dynamic(self, decisions: Tensor) -> Tensor:
-        """(B,) MACs of each sample from its (B, N) 0/1 gate decisions."""
-        residual = torch.tensor(self.residual, dtype=torch.float64, device=decisions.device)
-        return self.fixed + decisions.detach().to(torch.float64) @ residual
+        """(B,) MACs of each sample from its (B, N) 0/1 gate decisions, on their device (no host sync)."""
+        return self.fixed + decisions.detach().to(torch.float64) @ self.residual_tensor(decisions.device)
 
     def mean_from_counts(self, executed: Tensor, num_samples: int) -> float:
         """Mean MACs per sample from integer per-block execution counts over ``num_samples``.
@@ -78,6 +93,28 @@ class MacProfile:
         """
         executed_macs = sum(int(c) * r for c, r in zip(executed.tolist(), self.residual))
         return self.fixed + executed_macs / num_samples
+
+
+class PerImageMacs:
+    """The dynamic MACs of every image of an evaluation, kept on the device until the end.
+
+    ``add`` runs per batch without a host sync (no ``.tolist()``, no tensor from Python values);
+    ``values`` reads them all once.
+    """
+
+    def __init__(self, profile: MacProfile) -> None:
+        self.profile = profile
+        self._parts: list[Tensor] = []
+
+    def add(self, decisions: Tensor) -> None:
+        """Record a batch's (B, N) gate decisions."""
+        self._parts.append(self.profile.dynamic(decisions))  # (B,) float64 on the decisions' device
+
+    def values(self) -> list[float]:
+        """Every image's MACs, in the order added (one device-to-host copy)."""
+        if not self._parts:
+            return []
+        return torch.cat(self._parts).tolist()
 
 
 def paper_units(macs: float) -> float:

@@ -92,7 +92,7 @@ def test_deepspeed_zero_and_clipping():
     cfg = Config()
     ds = deepspeed_config(cfg, 2, num_parameters=1_700_000)
     assert ds["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1_700_000,
-                                       "allgather_bucket_size": 1_700_000}
+                                       "allgather_bucket_size": 1_700_000, "compute_grad_norm": False}
     assert ds["gradient_clipping"] == 0.0 and ds["zero_allow_untested_optimizer"] is True
     assert ds["wall_clock_breakdown"] is False and ds["steps_per_print"] >= 10**6
     cfg.engine.zero_stage, cfg.engine.clip_grad = 2, 5.0
@@ -101,6 +101,23 @@ def test_deepspeed_zero_and_clipping():
                                        "allgather_bucket_size": 1_700_000, "overlap_comm": False,
                                        "contiguous_gradients": True, "ignore_unused_parameters": True}
     assert ds["gradient_clipping"] == 5.0
+
+
+@pytest.mark.parametrize("stage,precision,clip,computed", [
+    (1, "bf16", None, False), (2, "fp32", None, False),  # nothing reads the norm: no per-step sync
+    (1, "bf16", 1.0, True), (2, "bf16", 1.0, True),  # clipping scales by it
+    (1, "fp16", None, True), (2, "fp16", None, True),  # fp16's overflow check is its invalid norm
+    (0, "bf16", None, None), (0, "bf16", 1.0, None),  # ZeRO 0 has no such optimizer (the key is refused)
+])
+def test_zero_computes_the_gradient_norm_only_when_needed(stage, precision, clip, computed):
+    # Issue 19 finding 2: the ZeRO 1/2 optimizer all-reduced the gradient norm and read
+    # bool(is_invalid_grad_norm) every step though nothing used it.
+    cfg = make_cfg(engine__zero_stage=stage, engine__precision=precision, engine__clip_grad=clip)
+    zero = deepspeed_config(cfg, 1)["zero_optimization"]
+    assert zero.get("compute_grad_norm", None if stage == 0 else True) is computed
+    if stage:  # DeepSpeed accepts the JSON and its optimizer follows it
+        engine, *_ = make_engine(engine__zero_stage=stage, engine__precision=precision, engine__clip_grad=clip)
+        assert engine.optimizer.compute_grad_norm is computed
 
 
 def test_zero_buckets_are_sized_from_the_model_not_for_llms():

@@ -47,3 +47,29 @@ def test_two_ranks_with_unequal_shards_report_the_ratio_of_summed_counts(tmp_pat
     expected = hand_evaluation(model, images, targets, profile_macs(model, (8, 8)))
     assert (100.0 + 0.0) / 2 != pytest.approx(expected["top1"])
     assert_evaluation_matches(record, expected)
+
+
+def test_the_timer_tells_data_time_from_model_time(monkeypatch):
+    # Issue 19 finding 7: spnet-eval reported one images/s for decoding and model together. A fake
+    # clock (no wall-clock assertion): the loader takes 3 ticks per batch, the forward 1 tick.
+    from spnet_dist import evaluate as E
+
+    clock = [0.0]
+    monkeypatch.setattr(E.time, "perf_counter", lambda: clock[0])
+    model, images, targets = eval_problem(7)
+    profile = profile_macs(model, (8, 8))
+    loader = build_eval_loader(TensorDataset(images, targets), batch_size=3)  # 3 batches
+
+    class SlowLoader:
+        def __iter__(self):
+            for batch in loader:
+                clock[0] += 3.0
+                yield batch
+
+    def forward_tick(module, args, out):
+        clock[0] += 1.0
+
+    model.register_forward_hook(forward_tick)
+    timer = E.EvalTimer(torch.device("cpu"))
+    E.evaluate(model, SlowLoader(), profile, torch.device("cpu"), timer=timer)
+    assert (timer.data_seconds, timer.model_seconds) == (9.0, 3.0)

@@ -55,3 +55,26 @@ def test_profiling_leaves_model_state_alone():
     profile_macs(model, (32, 32))
     assert model.training
     assert all(b.router.force is False for b in model.gated_blocks())
+
+
+def test_per_image_macs_add_no_host_sync_and_no_tensor_from_python_values(monkeypatch):
+    # Issue 19 finding 7: spnet-eval built a device tensor from the Python tuple of residual MACs
+    # (a blocking copy on CUDA) and read the batch's MACs with .tolist() at every batch.
+    from spnet_dist.device_audit import HostSyncCounter
+    from spnet_dist.flops import PerImageMacs
+
+    model = create_model("spnet_cifar_resnet20")
+    profile = profile_macs(model, (32, 32))
+    batches = [torch.randint(0, 2, (4, model.num_blocks)).float() for _ in range(3)]
+    per_image = PerImageMacs(profile)
+    per_image.add(batches[0])  # the first batch may build the residual tensor of its device
+    built, real_tensor = [], torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: built.append(a) or real_tensor(*a, **k))
+    with HostSyncCounter(patch_accelerator=False) as syncs:
+        for decisions in batches[1:]:
+            per_image.add(decisions)
+    assert syncs.total == 0 and built == []
+    monkeypatch.undo()
+    expected = torch.cat([profile.fixed + d.double() @ torch.tensor(profile.residual, dtype=torch.float64)
+                          for d in batches]).tolist()
+    assert per_image.values() == expected  # integer MACs, exact in float64

@@ -21,6 +21,7 @@ __all__ = ["SAFE_TO_CHANGE", "ResumeMismatch", "ResumePlan", "config_differences
 SAFE_TO_CHANGE = frozenset({
     "schedule.epochs",  # multistep only: the cosine schedule's length is part of its shape
     "data.root", "data.num_workers", "data.eval_batch_size",
+    "data.dali_dont_use_mmap", "data.dali_prefetch_queue_depth",  # how files are read, not which bytes
     "engine.timeout_min", "engine.backend",
     "run.out_dir", "run.resume", "run.eval_every", "run.log_every", "run.max_steps", "run.progress",
     "run.tensorboard", "run.checkpoint_every", "run.keep_checkpoints", "run.max_bad_steps",

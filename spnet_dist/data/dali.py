@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence
 
@@ -163,10 +164,41 @@ def _centre_crop(images, size: int):
                     normalized_anchor=False, normalized_shape=False)
 
 
+# Every pipeline build_pipeline made that is neither shut down nor collected: a pipeline holds
+# its pinned host buffers (and on GPU its device buffers) until then, so tests count them.
+_LIVE_PIPELINES: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def live_pipelines() -> int:
+    """How many pipelines of this module are alive (built, not shut down, not collected)."""
+    return len(_LIVE_PIPELINES)
+
+
+@dataclass(frozen=True)
+class ReaderOptions:
+    """How ``fn.readers.file`` reads the encoded files (``data.dali_*``).
+
+    Attributes:
+        dont_use_mmap: plain reads instead of mapping the file. DALI's own docs: mapping "provides
+            a small performance benefit when accessing a local file system, but most network file
+            systems do not provide optimum performance". Read in DALI's source
+            (``file_label_loader.cc``, ``local_file.cc``): a mapped file is handed on as the mapping,
+            so its bytes come over the network when the decoder first touches them, in the decoding
+            threads and outside the reader's prefetch; a plain read fetches the whole file in the
+            reader's own thread. (``read_ahead`` only changes the mapped path: ``MAP_POPULATE`` /
+            ``madvise``; with plain reads it does nothing, so it is not exposed.)
+        prefetch_queue_depth: batches of encoded files the reader thread keeps ready ahead of the
+            decoders (DALI's default 1).
+    """
+
+    dont_use_mmap: bool = True
+    prefetch_queue_depth: int = 4
+
+
 def build_pipeline(files: Sequence[str], labels: Sequence[int], batch_size: int, recipe: DaliRecipe,
                    seed: int, num_threads: int = 2, dali_device: str = "cpu",
                    device_id: Optional[int] = None, channels_last: bool = False,
-                   checkpoint: Optional[bytes] = None):
+                   checkpoint: Optional[bytes] = None, reader: ReaderOptions = ReaderOptions()):
     """One checkpointable DALI pipeline over ``files`` in the given order (no reader shuffle).
 
     Args:
@@ -182,6 +214,7 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], batch_size: int,
         device_id: the CUDA device index of this rank (its local GPU) for ``"gpu"``.
         channels_last: emit ``HWC`` (the loader turns it into a channels-last NCHW view).
         checkpoint: a ``pipe.checkpoint()`` of an identical pipeline to resume from.
+        reader: how the file reader reads (:class:`ReaderOptions`).
     """
     from nvidia.dali import fn, pipeline_def
 
@@ -192,12 +225,15 @@ def build_pipeline(files: Sequence[str], labels: Sequence[int], batch_size: int,
                   enable_checkpointing=True, checkpoint=checkpoint, prefetch_queue_depth=2)
     def pipe():
         jpegs, file_labels = fn.readers.file(files=list(files), labels=list(labels), name="reader",
-                                             random_shuffle=False, pad_last_batch=True)
+                                             random_shuffle=False, pad_last_batch=True,
+                                             dont_use_mmap=reader.dont_use_mmap,
+                                             prefetch_queue_depth=reader.prefetch_queue_depth)
         images = _augment_graph(jpegs, recipe, "mixed" if gpu else "cpu", channels_last, gpu)
         return images, (file_labels.gpu() if gpu else file_labels)
 
     pipeline = pipe()
     pipeline.build()
+    _LIVE_PIPELINES.add(pipeline)
     return pipeline
 
 
@@ -235,6 +271,7 @@ def _shutdown(pipeline) -> None:
     threads that do not exist in the child: measured here as a worker stuck on a futex.
     """
     pipeline._shutdown()
+    _LIVE_PIPELINES.discard(pipeline)
 
 
 class _Segment:
@@ -313,8 +350,9 @@ class _DaliReader:
 
     def __init__(self, samples: Sequence[tuple[str, int]], batch_size: int, rank: int, recipe: DaliRecipe,
                  num_threads: int, dali_device: str, device: Optional[torch.device], channels_last: bool,
-                 on_corrupt: str) -> None:
+                 on_corrupt: str, reader: ReaderOptions) -> None:
         check_on_corrupt(on_corrupt)
+        self.reader = reader
         self.samples = samples
         self.batch_size = batch_size
         self.rank = rank
@@ -333,7 +371,7 @@ class _DaliReader:
         files = [self.samples[i][0] for i in indices]
         labels = [self.samples[i][1] for i in indices]
         pipeline = build_pipeline(files, labels, self.batch_size, self.recipe, seed, self.num_threads,
-                                  self.dali_device, self.device_id, self.channels_last, checkpoint)
+                                  self.dali_device, self.device_id, self.channels_last, checkpoint, self.reader)
         return _Segment(pipeline, files, self.batch_size, done, self.device, self.channels_last)
 
     def handle_corrupt(self, err: CorruptImageError, skipped: list[str]) -> None:
@@ -366,18 +404,23 @@ class DaliTrainLoader(ShardedTrainLoader):
         device: this rank's CUDA device for ``"gpu"`` (its index is DALI's ``device_id``).
         channels_last: batches in channels-last memory format.
         on_corrupt: ``"skip"`` (replace the file by a spare of this rank and count it) or ``"error"``.
+        reader: how the file reader reads (``data.dali_dont_use_mmap``, ``data.dali_prefetch_queue_depth``).
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0, recipe: Optional[DaliRecipe] = None,
                  num_threads: int = 2, dali_device: str = "cpu", device: Optional[torch.device] = None,
-                 channels_last: bool = False, on_corrupt: str = "error") -> None:
+                 channels_last: bool = False, on_corrupt: str = "error",
+                 reader: ReaderOptions = ReaderOptions()) -> None:
         self.samples = list(samples)
         super().__init__(len(self.samples), micro_batch_size, rank, world_size, seed)
         self._reader = _DaliReader(self.samples, self.batch_size, self.rank, recipe or DaliRecipe("imagenet", 224, True),
-                                   num_threads, dali_device, device, channels_last, on_corrupt)
+                                   num_threads, dali_device, device, channels_last, on_corrupt, reader)
         self._segment: Optional[_Segment] = None
         self._segment_start = 0  # batch of the epoch at which the running pipeline started
+        # (segment start, pipeline checkpoint) of a segment release() closed mid-way: the next
+        # __iter__ rebuilds it from there, as load_state_dict would.
+        self._parked: Optional[tuple[int, bytes]] = None
 
     def _bad_indices(self) -> set[int]:
         skipped = set(self.skipped)
@@ -386,7 +429,11 @@ class DaliTrainLoader(ShardedTrainLoader):
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = self.epoch
         while self.epoch == epoch and self.batches_seen < len(self):
-            if self._segment is None:
+            if self._segment is None and self._parked is not None:
+                start, checkpoint = self._parked
+                self._parked = None
+                self._begin_segment(start, checkpoint, done=self.batches_seen - start)
+            elif self._segment is None:
                 self._begin_segment(self.batches_seen)
             try:
                 batch = self._segment.next_batch()
@@ -407,19 +454,39 @@ class DaliTrainLoader(ShardedTrainLoader):
     def leave_epoch(self) -> None:
         self._drop_segment()
 
+    def release(self) -> None:
+        """Shut the running pipeline down now; the next ``__iter__`` continues bit for bit.
+
+        A segment stopped mid-way is parked as its checkpoint (the bytes ``state_dict`` would
+        save) and rebuilt from it; a segment read to its end needs nothing. Without this the
+        training pipeline (on GPU: pinned host buffers, nvJPEG scratch, decoded batches) lived
+        until the next ``set_epoch`` while the evaluation built a second one.
+        """
+        if self._segment is None:
+            return
+        if self.batches_seen > self._segment_start and self.batches_seen < len(self):
+            self._parked = (self._segment_start, self._segment.checkpoint())
+        self._segment.close()
+        self._segment = None
+
     def _drop_segment(self) -> None:
         if self._segment is not None:
             self._segment.close()  # frees the pipeline (and its GPU memory) before a new one is built
         self._segment = None
+        self._parked = None
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable position: the torchvision keys + the pipeline checkpoint (base64)."""
-        running = self._segment is not None and self.batches_seen > self._segment_start
+        checkpoint, start = None, self.batches_seen
+        if self._segment is not None and self.batches_seen > self._segment_start:
+            checkpoint, start = self._segment.checkpoint(), self._segment_start
+        elif self._segment is None and self._parked is not None:
+            start, checkpoint = self._parked
         return {
             **super().state_dict(),
             "backend": "dali",
-            "segment_start": self._segment_start if running else self.batches_seen,
-            "pipeline": base64.b64encode(self._segment.checkpoint()).decode("ascii") if running else None,
+            "segment_start": start,
+            "pipeline": base64.b64encode(checkpoint).decode("ascii") if checkpoint is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -453,11 +520,11 @@ class DaliEvalLoader(ShardedEvalLoader):
     def __init__(self, samples: Sequence[tuple[str, int]], batch_size: int, rank: int = 0, world_size: int = 1,
                  recipe: Optional[DaliRecipe] = None, num_threads: int = 2, dali_device: str = "cpu",
                  device: Optional[torch.device] = None, channels_last: bool = False,
-                 on_corrupt: str = "error") -> None:
+                 on_corrupt: str = "error", reader: ReaderOptions = ReaderOptions()) -> None:
         self.samples = list(samples)
         super().__init__(len(self.samples), batch_size, rank, world_size)
         self._reader = _DaliReader(self.samples, self.batch_size, self.rank, recipe or DaliRecipe("imagenet", 224, False),
-                                   num_threads, dali_device, device, channels_last, on_corrupt)
+                                   num_threads, dali_device, device, channels_last, on_corrupt, reader)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         position = 0  # samples of this rank's share already yielded (skipped ones excluded)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from .. import distributed as D
-from .dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, dali_available, resolve_dali_device
+from .dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, ReaderOptions, dali_available, resolve_dali_device
 from .datasets import JPEG_FOLDERS, build_datasets, build_test_dataset, prepared_root
 from .folder import build_imagefolder, listing_of, read_listing, save_listing
 from .protocol import Loader
@@ -77,6 +77,14 @@ def _shared_listing(data_cfg: Any, rank: int, listing_path: Optional[Path]) -> O
     return read_listing(listing_path, prepared_root(data_cfg))  # other ranks: the finished cache, at once
 
 
+def reader_options(data_cfg: Any) -> ReaderOptions:
+    """``data.dali_dont_use_mmap`` and ``data.dali_prefetch_queue_depth`` (defaults where absent)."""
+    default = ReaderOptions()
+    return ReaderOptions(dont_use_mmap=getattr(data_cfg, "dali_dont_use_mmap", default.dont_use_mmap),
+                         prefetch_queue_depth=getattr(data_cfg, "dali_prefetch_queue_depth",
+                                                      default.prefetch_queue_depth))
+
+
 def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                   device: Optional[torch.device] = None, channels_last: bool = False,
                   listing_path: Optional[str | os.PathLike] = None) -> tuple[Loader, Loader]:
@@ -88,7 +96,8 @@ def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_siz
 
     Args:
         data_cfg: ``spnet_dist.config.DataConfig`` (format, root, image_size, augment,
-            num_workers, eval_batch_size, backend, dali_device, on_corrupt).
+            num_workers, eval_batch_size, backend, dali_device, on_corrupt, and the DALI reader's
+            dali_dont_use_mmap, dali_prefetch_queue_depth).
         micro_batch_size: training samples per batch on this rank.
         rank: GLOBAL rank (shards must differ across nodes).
         world_size: data-parallel ranks.
@@ -110,7 +119,7 @@ def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_siz
     dali_device = resolve_dali_device(getattr(data_cfg, "dali_device", "auto"), device)
     recipe = resolve_augment(data_cfg.augment, data_cfg.format)
     common = dict(num_threads=max(1, data_cfg.num_workers), dali_device=dali_device, device=device,
-                  channels_last=channels_last, on_corrupt=on_corrupt)
+                  channels_last=channels_last, on_corrupt=on_corrupt, reader=reader_options(data_cfg))
     absolute = [(os.path.abspath(path), label) for path, label in train_set.samples]
     train = DaliTrainLoader(absolute, micro_batch_size, rank, world_size, seed,
                             DaliRecipe(recipe, data_cfg.image_size, True), **common)

@@ -3,7 +3,7 @@
 The trainer never touches a ``torch.utils.data.DataLoader`` (or a DALI pipeline) directly: it
 talks to a ``Loader``. The torchvision loaders in :mod:`spnet_dist.data.torchvision_loader` and the DALI
 loaders in :mod:`spnet_dist.data.dali` (GPU ``mixed`` decode and its CPU twin) implement the same
-five methods, so swapping the backend changes no trainer code and no checkpoint format.
+six methods, so swapping the backend changes no trainer code and no checkpoint format.
 """
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ class Loader(Protocol):
       after a resume), so schedules can be precomputed per step.
     - ``set_epoch(epoch)`` selects the epoch whose order the next ``__iter__`` produces (train
       loaders reshuffle per epoch; eval loaders ignore it).
+    - ``release()`` frees what the current epoch is read with (a DALI pipeline, its pinned host
+      and GPU memory) when the caller stops drawing batches before the end; the position is kept
+      exactly and the next ``__iter__`` rebuilds the reader from it.
     - ``state_dict()`` returns a small JSON-serialisable dict with the reader position of this
       rank; ``load_state_dict(state)`` restores it so that the next ``__iter__`` yields exactly
       the batches an uninterrupted run would have yielded next. Both store epoch / batches seen /
@@ -50,6 +53,9 @@ class Loader(Protocol):
         ...
 
     def set_epoch(self, epoch: int) -> None:
+        ...
+
+    def release(self) -> None:
         ...
 
     def state_dict(self) -> dict[str, Any]:

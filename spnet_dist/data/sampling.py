@@ -201,6 +201,16 @@ class ShardedTrainLoader:
     def leave_epoch(self) -> None:
         """Called before the position moves to another epoch: a backend frees what it reads with."""
 
+    def release(self) -> None:
+        """Free what the epoch is read with now (a DALI pipeline); the position stays exact.
+
+        The trainer calls it when it stops drawing batches before the loader is exhausted (the
+        end of its epoch's optimizer steps, ``run.max_steps``), so no reader outlives its epoch
+        into the evaluation. The next ``__iter__`` continues with exactly the batches an
+        uninterrupted iteration would have yielded; ``state_dict`` is unchanged by it. The
+        torchvision backend keeps nothing worth freeing (persistent workers, a few batches).
+        """
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's reader position (JSON); the geometry keys let a resize of the job resume."""
         return {
@@ -289,6 +299,9 @@ class ShardedEvalLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """No-op: the evaluation order never changes."""
+
+    def release(self) -> None:
+        """No-op: an evaluation pass frees its reader when it ends."""
 
     def state_dict(self) -> dict[str, Any]:
         """Empty: an evaluation pass is never resumed mid-way."""

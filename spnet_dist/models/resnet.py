@@ -210,7 +210,8 @@ class GatedResNet(nn.Module):
                 if record and self.block_aligners is not None:
                     block_pooled.append(x.mean(dim=(2, 3)))  # (B, C_k)
             if record and self.aux_heads is not None and stage_idx < self.num_stages - 1:
-                stage_pooled.append(x.mean(dim=(2, 3)))  # (B, C_k)
+                # fp32 accumulation and result (no fp32 copy of the map): the stage heads are fp32.
+                stage_pooled.append(x.mean(dim=(2, 3), dtype=torch.float32))  # (B, C_k)
         return Trunk(x, gates, stage_pooled, block_pooled)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -227,13 +228,14 @@ class GatedResNet(nn.Module):
 
         # Heads in fp32 with autocast off: the losses compare their logits (and the exported fp32
         # model's argmax) to bf16 rounding otherwise; they are a few Linear layers on pooled features.
+        # The pooling is fp32 too: a bf16 mean rounds the feature to 8 mantissa bits before .float().
         with autocast_off(x.device):
-            final = x.mean(dim=(2, 3)).float()  # (B, D); a_K is the identity
+            final = x.mean(dim=(2, 3), dtype=torch.float32)  # (B, D); a_K is the identity
             logits = self.fc(final)
             stage_features, stage_logits = [], []
             if self.aux_heads is not None:
                 for head, pooled in zip(self.aux_heads, stage_pooled):
-                    aligned = head.align(pooled.float())  # (B, D)
+                    aligned = head.align(pooled)  # (B, D), pooled in fp32 by _run_stages
                     stage_features.append(aligned)
                     stage_logits.append(head.fc(aligned))
         stage_features.append(final)

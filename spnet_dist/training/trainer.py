@@ -179,6 +179,9 @@ class Trainer:
                                      self._steps_left()) if log_now else None
                 self.log.step(self.state.step, epoch, shown, self.scheduler.get_last_lr()[0], log_now, speed)
                 self._maybe_checkpoint(last_of_epoch=self.state.batch_in_epoch >= limit)
+        # The loop stops at `limit` without exhausting the loader: free its reader now (DALI: the
+        # pipeline's pinned and GPU memory), or it lives on beside the evaluation's own pipeline.
+        self.train_loader.release()
         self.log.end_epoch()
         return self.epoch_sums.reduce()
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from spnet_dist.data import CorruptImageError, Loader, build_loaders
-from spnet_dist.data.dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, resolve_dali_device
+from spnet_dist.data.dali import (DaliEvalLoader, DaliRecipe, DaliTrainLoader, ReaderOptions, live_pipelines,
+                                  resolve_dali_device)
 from spnet_dist.data.fake import make_fake_imagenet
 from spnet_dist.data.torchvision_loader import TrainLoader
 
@@ -207,6 +208,66 @@ def test_dali_device_resolution():
         resolve_dali_device("gpu", torch.device("cpu"))
     with pytest.raises(ValueError, match="data.dali_device"):
         resolve_dali_device("tpu", None)
+
+
+# ----------------------------------------------------------------------------- reader options (issue 19 finding 5)
+
+def test_reader_options_come_from_the_config_and_reach_dalis_file_reader(tmp_path, monkeypatch):
+    import nvidia.dali.fn as fn
+
+    from spnet_dist.config import DataConfig
+
+    assert (DataConfig().dali_dont_use_mmap, DataConfig().dali_prefetch_queue_depth) == (True, 4)  # cluster defaults
+    root = make_fake_imagenet(tmp_path / "fake", classes=2, per_class=8, val_per_class=2, long_side_range=(40, 64))
+    seen, real = [], fn.readers.file
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs.get(k) for k in ("dont_use_mmap", "prefetch_queue_depth")})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fn.readers, "file", spy)
+    for mmap_off, depth in ((True, 4), (False, 1)):
+        seen.clear()
+        train, val = build_loaders(data_cfg(root, dali_dont_use_mmap=mmap_off, dali_prefetch_queue_depth=depth), 4)
+        take(train, 1), take(val, 1)
+        assert seen == [{"dont_use_mmap": mmap_off, "prefetch_queue_depth": depth}] * 2  # train and val pipelines
+        train.release()
+
+
+def test_reader_options_may_change_between_a_checkpoint_and_its_resume(indexed_files):
+    # Neither option changes the bytes or the order, so the pipeline checkpoint restores into the
+    # other setting bit for bit (which is why checkpoint.resume lets them change).
+    make = lambda reader: DaliTrainLoader(indexed_files, 4, seed=5, recipe=RECIPE, num_threads=1,  # noqa: E731
+                                          reader=reader)
+    reference = take(make(ReaderOptions(dont_use_mmap=False, prefetch_queue_depth=1)), 12)
+    first = make(ReaderOptions(dont_use_mmap=False, prefetch_queue_depth=1))
+    take(first, 5)
+    resumed = make(ReaderOptions(dont_use_mmap=True, prefetch_queue_depth=4))
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert_same_batches(take(resumed, 7), reference[5:])
+
+
+# ----------------------------------------------------------------------------- release (issue 19 finding 6)
+
+@pytest.mark.parametrize("k", [3, 7, 10], ids=["mid-epoch", "at-epoch-end", "mid-second-epoch"])
+def test_release_frees_the_pipeline_and_the_epoch_continues_exactly(indexed_files, k):
+    # 7 batches per epoch. The trainer stops drawing at its step limit without exhausting the
+    # loader; before release() the pipeline lived on until the next set_epoch.
+    make = lambda: DaliTrainLoader(indexed_files, 4, seed=5, recipe=RECIPE, num_threads=1)  # noqa: E731
+    reference = take(make(), k + 10)
+    loader = make()
+    take(loader, k)
+    before = live_pipelines()
+    states = [loader.state_dict()]
+    loader.release()
+    assert live_pipelines() == before - 1
+    states.append(loader.state_dict())  # a checkpoint taken after release() (the trainer saves after evaluating)
+    loader.release()  # twice is harmless
+    assert_same_batches(take(loader, 10), reference[k:])
+    for state in states:
+        resumed = make()
+        resumed.load_state_dict(json.loads(json.dumps(state)))
+        assert_same_batches(take(resumed, 10), reference[k:])
 
 
 # ----------------------------------------------------------------------------- the public CLI

@@ -33,3 +33,23 @@ def test_a_skipped_block_gives_a_zero_feature_difference():
         torch.testing.assert_close(out.block_features[a], out.block_features[b], rtol=0, atol=0)
     assert [f.shape[1] for f in out.block_pooled] == [16] * 3 + [32] * 3 + [64] * 3
     assert all(f.shape[1] == 64 for f in out.block_features)
+
+
+def test_under_bf16_autocast_the_heads_pool_in_fp32():
+    # Issue 19 finding 10: the heads are fp32 with autocast off, but the pooling ran on the bf16
+    # feature map before .float(), so "fp32 heads" saw features rounded to 8 mantissa bits
+    # (about 1e-3 apart from the fp32 mean here).
+    torch.manual_seed(0)
+    model = create_model("spnet_cifar_resnet20", num_classes=5).train()
+    maps = []
+    for stage in model.stages:  # a stage's output is its last block's (the blocks are called one by one)
+        stage[-1].register_forward_hook(lambda module, args, out: maps.append(out[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(4, 3, 16, 16))
+    assert [m.dtype for m in maps] == [torch.bfloat16] * 3  # the trunk does run in bf16
+    pooled = [m.float().mean(dim=(2, 3)) for m in maps]  # fp32 pooling of the bf16 maps
+    torch.testing.assert_close(out.stage_features[-1], pooled[-1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out.logits, model.fc(pooled[-1]), rtol=1e-6, atol=1e-6)
+    for head, feature, logits, stage_pooled in zip(model.aux_heads, out.stage_features, out.stage_logits, pooled):
+        torch.testing.assert_close(feature, head.align(stage_pooled), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(logits, head.fc(feature), rtol=1e-6, atol=1e-6)

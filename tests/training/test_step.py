@@ -2,6 +2,8 @@
 skipped fp16 steps, tensors created without a device (issue 6, findings 1 and 3-7)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from spnet_dist.training.reproducibility import seed_everything
 from spnet_dist.training.step import SPNetStep, clamp_gradients_, resolve_teacher_execution
 
 from ..conftest import REPO_ROOT
+from ..dist_helpers import WORKERS, run_torchrun
 
 pytestmark = pytest.mark.usefixtures("own_process_group")
 
@@ -48,21 +51,54 @@ def engine_hooks(module: torch.nn.Module) -> int:
                for name in ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks"))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_a_training_step_never_synchronises_the_device(stage):
-    # Findings 3 and 4: DeepSpeed's synchronized throughput timer and the teacher's copied engine
-    # hooks made 3 accelerator.synchronize() calls per step (counted on the CPU accelerator; the
-    # timer starts after 2 steps). Expected now: none, and no value read either with the
-    # masked teacher (ZeRO 1/2 read one flag per step inside DeepSpeed's step: counted apart).
-    step = make_step(f"engine.zero_stage={stage}", "teacher.execution=masked")
+def test_a_training_step_never_synchronises_the_device(stage, precision):
+    # Issue 6 findings 3-4: DeepSpeed's synchronized throughput timer and the teacher's copied
+    # engine hooks made 3 accelerator.synchronize() calls per step (the timer starts after 2 steps).
+    # Issue 19 finding 2: at ZeRO 1/2 DeepSpeed's step read is_invalid_grad_norm() with
+    # bool(tensor) every step (1 per step, the check compute_grad_norm=false removes). Expected
+    # now: no call of any kind in HostSyncCounter's lists, at every stage and precision.
+    step = make_step(f"engine.zero_stage={stage}", f"engine.precision={precision}", "teacher.execution=masked")
     images, targets = batch()
     for _ in range(3):  # past the timer's start_step
         step(images, targets)
     with HostSyncCounter() as syncs:
         for _ in range(3):
             step(images, targets)
-    assert syncs.counts["accelerator.synchronize"] == 0
-    assert syncs.counts["nonzero"] == 0 and syncs.counts["item"] == 0 and syncs.counts["float"] == 0
+    assert dict(syncs.counts) == {}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_training_step_never_synchronises_the_device_on_two_ranks():
+    # ZeRO 1/2 with 2 ranks partition the gradients and reduce them across ranks (1 rank takes
+    # shortcuts): count the step there too, on every rank.
+    done = run_torchrun(WORKERS / "step_syncs.py", 2, ["bf16"], timeout=900)
+    lines = [line.split(" ", 3) for line in done.stdout.splitlines() if line.startswith("SYNCS ")]
+    assert sorted((int(rank), int(stage)) for _, rank, stage, _ in lines) == [(r, s) for r in (0, 1) for s in (0, 1, 2)]
+    assert {(rank, stage): json.loads(counts) for _, rank, stage, counts in lines if json.loads(counts)} == {}
+
+
+@pytest.mark.parametrize("overrides,per_step", [
+    (["engine.zero_stage=0", "engine.clip_grad=1.0"], {}),  # clip_grad_norm_ on the device
+    (["engine.zero_stage=1", "engine.clip_grad=1.0"], {"bool": 2}),
+    (["engine.zero_stage=2", "engine.clip_grad=1.0"], {"bool": 2}),
+    (["engine.zero_stage=1", "engine.precision=fp16"], {"bool": 1, "item": 1}),
+    (["engine.zero_stage=2", "engine.precision=fp16"], {"bool": 1, "item": 1}),
+], ids=["zero0-clip", "zero1-clip", "zero2-clip", "zero1-fp16", "zero2-fp16"])
+def test_what_clipping_and_fp16_cost_per_step(overrides, per_step):
+    # The documented price of the two features that need DeepSpeed's gradient norm
+    # (engine.needs_grad_norm; docs/library-facts.md): ZeRO 1/2 read is_invalid_grad_norm() in
+    # step() and, when clipping, again in unscale_and_clip_grads(); fp16's GradScaler reads found_inf.
+    step = make_step(*overrides, "teacher.execution=masked")
+    images, targets = batch()
+    for _ in range(3):
+        step(images, targets)
+    with HostSyncCounter() as syncs:
+        for _ in range(3):
+            step(images, targets)
+    assert dict(syncs.counts) == {k: 3 * v for k, v in per_step.items()}
 
 
 def test_teacher_carries_none_of_the_engines_hooks():

@@ -215,3 +215,29 @@ def test_a_multistep_schedule_with_warm_up_saves_its_checkpoints(tiny_config):
     ckpt = C.resolve_checkpoint(cfg.run.out_dir, "final")
     assert C.read_state(ckpt)["scheduler"]["class"] == "ChainedScheduler"
     assert (ckpt.parent / "step_00000001").is_dir()
+
+
+@pytest.mark.parametrize("overrides", [["run.max_steps=3"], ["run.max_steps=null", "engine.global_batch_size=256"]],
+                         ids=["stopped-mid-epoch", "whole-epoch"])
+def test_at_most_one_dali_pipeline_is_alive_during_evaluation(tiny_config, overrides):
+    # Issue 19 finding 6: the training loop stops at its step limit without exhausting the loader,
+    # so the training pipeline lived until the next set_epoch while evaluate() built a second one
+    # (on GPU ~4.5 GB of pinned host memory per rank).
+    pytest.importorskip("nvidia.dali")
+    from spnet_dist.data.dali import live_pipelines
+
+    trainer = training.Trainer(tiny_config("data.backend=dali", "data.dali_device=cpu", *overrides))
+    alive, val_loader = [], trainer.val_loader
+
+    class Watched:
+        def __len__(self):
+            return len(val_loader)
+
+        def __iter__(self):
+            for batch in val_loader:
+                alive.append(live_pipelines())
+                yield batch
+
+    trainer.val_loader = Watched()
+    record = trainer.fit()
+    assert record["images"] == 360 and alive and max(alive) == 1
