@@ -1,4 +1,4 @@
-"""The training entry of the SLURM signal tests: :func:`spnet_dist.train.main`, each optimizer
+"""The training entry of the SLURM signal tests: :func:`spnet_dist.training.trainer.main`, each optimizer
 step of a job's FIRST attempt followed by a pause (``SPNET_TEST_STEP_PAUSE_S`` seconds, from the
 submitting test's environment, which sbatch passes on); requeued attempts run at full speed.
 
@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import spnet_dist
-from spnet_dist import train
+from spnet_dist.training import trainer
 
 
 def main(cfg) -> dict[str, Any]:
@@ -25,12 +25,12 @@ def main(cfg) -> dict[str, Any]:
     pause = float(os.environ.get("SPNET_TEST_STEP_PAUSE_S", "0")) if first_attempt else 0.0
     print(f"paced entry: spnet_dist from {spnet_dist.__file__}, {pause} s after each step", flush=True)
     if pause > 0:
-        original = train.Trainer.train_step
+        original = trainer.Trainer.train_step
 
         def train_step(self, images, targets):
             out = original(self, images, targets)
             time.sleep(pause)
             return out
 
-        train.Trainer.train_step = train_step
-    return train.main(cfg)
+        trainer.Trainer.train_step = train_step
+    return trainer.main(cfg)
