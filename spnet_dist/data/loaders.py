@@ -85,8 +85,9 @@ def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_siz
     """Build this rank's ``(train_loader, val_loader)`` with the configured backend.
 
     The one call the trainer makes. Rank 0 prepares the data (the digits cache) and scans the
-    folders; the other ranks wait at a barrier and read its saved file list (``listing_path``),
-    so a bad layout stops every rank with the same one-line error before training.
+    folders; the other ranks wait for its status (``distributed.run_on_main``) and read its saved
+    file list (``listing_path``), so any failure of the scan stops every rank with the same
+    one-line error before training.
 
     Args:
         data_cfg: ``spnet_dist.config.DataConfig`` (format, root, image_size, augment,
