@@ -42,7 +42,8 @@ __all__ = [
     "MODEL_NAMES", "IMAGENET_MODELS", "ZERO_STAGES", "CHOICES", "ConfigError",
     "ModelConfig", "TeacherConfig", "LossConfig", "DataConfig", "OptimConfig", "ScheduleConfig",
     "EngineConfig", "RunConfig", "SlurmConfig", "Config",
-    "load_config", "config_from_dict", "validate", "check_zero_stage", "micro_batch_size",
+    "LR_BASE_BATCH", "BN_MIN_MICRO_BATCH",
+    "load_config", "config_from_dict", "validate", "config_warnings", "check_zero_stage", "micro_batch_size",
     "to_dict", "save_config", "add_config_arguments", "config_from_args", "parse_args",
 ]
 
@@ -50,6 +51,15 @@ __all__ = [
 IMAGENET_MODELS = ("spnet_resnet50", "spnet_resnet101")
 # ZeRO stage 3 partitions the parameters themselves; the trainer needs whole ones (check_zero_stage).
 ZERO_STAGES = (0, 1, 2)
+# optim.lr_scaling=linear: optim.lr is the learning rate of this many images per optimizer step
+# (Goyal et al. 2017: 0.1 per 256 images for ResNet-50); applied by spnet_dist.engine.learning_rate.
+LR_BASE_BATCH = 256
+# Images per BatchNorm (the micro-batch, without model.sync_bn) below which config_warnings warns on
+# CUDA. Wu & He 2018 (Group Normalization, Table 2: ResNet-50 on ImageNet, BN statistics per GPU)
+# measured top-1 error 23.6 / 23.7 / 24.8 / 27.3 / 34.7 % at 32 / 16 / 8 / 4 / 2 images per GPU:
+# flat down to 16, +1.2 points at 8, +3.7 at 4. The routers' BatchNorm1d has one value per image
+# (no spatial positions to average over), so it is the noisier of the two.
+BN_MIN_MICRO_BATCH = 16
 
 
 class ConfigError(ValueError):
@@ -204,6 +214,10 @@ class OptimConfig:
     momentum: float = _help("SGD momentum, in [0, 1) (paper: 0.9)", default=0.9)
     weight_decay: float = _help("SGD weight decay (paper: 1e-4)", default=1e-4)
     nesterov: bool = _help("Nesterov momentum (needs optim.momentum > 0)", default=False)
+    lr_scaling: str = _help(
+        "'none' (the rate is optim.lr) | 'linear' (Goyal et al. 2017: optim.lr x engine.global_batch_size / "
+        "256, optim.lr being the rate of a 256-image step; pair it with schedule.warmup_epochs, e.g. 5, for "
+        "global batches of 1,024 and more)", default="none")
 
 
 @dataclass
@@ -296,8 +310,10 @@ class SlurmConfig:
     timeout_min: int = _help("time limit of one attempt in minutes (sbatch --time); the job "
                              "requeues itself when it is reached", default=1440)
     signal_delay_s: int = _help(
-        "SIGUSR2 is sent this many seconds before the time limit (sbatch --signal=USR2@N): enough "
-        "for one training step plus a checkpoint write", default=120)
+        "SIGUSR2 is sent this many seconds before the time limit (sbatch --signal=USR2@N); it must cover "
+        "the time to the next stop check (run.stop_check_every training steps, or the rest of an "
+        "evaluation that is running), a checkpoint write and a few seconds for the requeue. SLURM sends "
+        "it 0-30 s earlier than asked, never later", default=120)
     max_timeouts: int = _help("requeues after a time limit before the job gives up (preemptions do "
                               "not count)", default=30)
     job_name: str = _help("job name (sbatch --job-name)", default="spnet")
@@ -346,6 +362,7 @@ CHOICES: dict[str, tuple[Any, ...]] = {
     "data.backend": BACKENDS,
     "data.dali_device": DALI_DEVICES,
     "data.on_corrupt": ON_CORRUPT,
+    "optim.lr_scaling": ("none", "linear"),  # applied by spnet_dist.engine.learning_rate
     "schedule.kind": ("multistep", "cosine"),
     "engine.zero_stage": ZERO_STAGES,
     "engine.precision": ("bf16", "fp16", "fp32"),
@@ -782,6 +799,42 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     need(r.max_bad_steps >= 0, "run.max_bad_steps", "must be >= 0")
     need(r.stop_check_every >= 1, "run.stop_check_every", "must be >= 1")
     need(e.timeout_min > 0, "engine.timeout_min", "must be > 0")
+
+
+def config_warnings(cfg: Config, world_size: int | None = None, device_type: str = "cuda") -> list[str]:
+    """Valid settings that are probably not what the run wants: one line each, naming the fields
+    and the fixes. Not errors (the config runs as written); the trainer prints them on rank 0 once
+    it knows its device and world size.
+
+    * CUDA, no ``model.sync_bn`` and a micro-batch below :data:`BN_MIN_MICRO_BATCH`: every
+      BatchNorm normalises over the micro-batch alone (the paper's 128 images on 32 GPUs: 4).
+      Not on CPU, where SyncBatchNorm is unavailable and runs are small on purpose.
+    * ``optim.lr_scaling=linear`` raising the rate (global batch above 256) with no warm-up:
+      Goyal et al. 2017 needed a gradual warm-up (5 epochs) for large batches.
+
+    Args:
+        cfg: a validated config.
+        world_size: data-parallel ranks; None reads ``WORLD_SIZE`` (default 1).
+        device_type: the ranks' device type (``"cuda"`` or ``"cpu"``).
+    """
+    e, out = cfg.engine, []
+    micro = micro_batch_size(cfg, world_size)
+    world = e.global_batch_size // (micro * e.grad_accum)
+    if device_type == "cuda" and not cfg.model.sync_bn and micro < BN_MIN_MICRO_BATCH:
+        accum = f" x engine.grad_accum {e.grad_accum}" if e.grad_accum > 1 else ""
+        out.append(
+            f"engine.global_batch_size: {e.global_batch_size} on {world} ranks{accum} is a micro-batch of {micro} "
+            f"images, and with model.sync_bn=false every BatchNorm (the routers' BatchNorm1d too) normalises over "
+            f"those {micro} alone; below {BN_MIN_MICRO_BATCH} BatchNorm's ImageNet error grows (Wu & He 2018: "
+            f"+1.2 points at 8, +3.7 at 4 images per GPU). Set model.sync_bn=true, or raise "
+            f"engine.global_batch_size to {BN_MIN_MICRO_BATCH * world * e.grad_accum} or more with "
+            f"optim.lr_scaling=linear, or run on fewer ranks (docs/training.md, 'The paper recipe on N GPUs')")
+    if cfg.optim.lr_scaling == "linear" and e.global_batch_size > LR_BASE_BATCH and cfg.schedule.warmup_epochs == 0:
+        out.append(
+            f"optim.lr_scaling: 'linear' at engine.global_batch_size {e.global_batch_size} starts at "
+            f"{e.global_batch_size / LR_BASE_BATCH:g} x optim.lr with schedule.warmup_epochs=0; Goyal et al. 2017 "
+            "warm up gradually over 5 epochs at such batches (schedule.warmup_epochs=5)")
+    return out
 
 
 def _check_data_root(cfg: Config) -> None:

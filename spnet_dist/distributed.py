@@ -23,12 +23,13 @@ the engine, yet every rank must hold a bit-identical teacher.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -52,6 +53,8 @@ __all__ = [
     "broadcast_",
     "average_buffers_",
     "broadcast_object",
+    "RankZeroError",
+    "run_on_main",
     "count_rank_mismatches",
 ]
 
@@ -463,6 +466,85 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+class RankZeroError(RuntimeError):
+    """A step rank 0 ran alone failed; raised on every rank when the error itself cannot travel.
+
+    :func:`run_on_main` re-raises rank 0's own exception on every rank when it survives a pickle
+    round trip with a one-line message (the usual case: OSError, ValueError, the config and
+    checkpoint errors); otherwise every rank raises this, with one line naming the step, the
+    exception type and its message.
+    """
+
+
+def _portable(err: BaseException) -> Optional[BaseException]:
+    """``err`` as another rank can re-raise it (same type, same one-line message), else None."""
+    if not isinstance(err, Exception) or "\n" in str(err):
+        return None  # KeyboardInterrupt, SystemExit, multi-line messages: RankZeroError
+    try:
+        copy = pickle.loads(pickle.dumps(err))
+    except Exception:  # an exception whose __init__ needs more than its args, unpicklable fields
+        return None
+    return copy if type(copy) is type(err) and str(copy) == str(err) else None
+
+
+def run_on_main(fn: Callable[[], Any], *, what: str, is_main: Optional[bool] = None, share: bool = True) -> Any:
+    """Run ``fn()`` on rank 0 alone and deliver its outcome to every rank: its result, or its error.
+
+    Collective: every rank calls it, and the one broadcast it holds is also the barrier after
+    rank 0's step (the other ranks wait in it while rank 0 works, as long as
+    ``engine.timeout_min`` allows). Without it, a rank-0-only step that raises ends rank 0
+    alone, and the other ranks wait in their next collective: NCCL does not notice a peer that
+    died, so a job on N GPUs hangs until the process-group timeout (30 min by default). Here
+    every rank raises the same error within a broadcast's time: rank 0's own exception where it
+    can travel (:func:`_portable`: the same type and one-line message on every rank, so the
+    trainer's exit statuses stay the same on every rank), else :class:`RankZeroError` naming
+    ``what``. Rank 0 raises its original exception (with its traceback) in the first case.
+
+    Args:
+        fn: the step, without arguments (a lambda or ``functools.partial``).
+        what: the step in a few words ("prepare the run directory ..."), for the error message.
+        is_main: whether this process runs ``fn``; None: global rank 0. Callers that simulate
+            ranks without a process group (tests of the data listing) pass it.
+        share: True: every rank returns rank 0's result (broadcast; it must pickle). False: only
+            the status is broadcast; rank 0 returns its result, the other ranks None.
+    """
+    main = get_rank() == 0 if is_main is None else is_main
+    result, failure = None, None
+    if main:
+        try:
+            result = fn()
+        except BaseException as err:  # noqa: B902 - delivered to every rank, then re-raised here
+            failure = err
+    if not _initialized() or dist.get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return result
+    payload = None
+    if main:
+        if failure is None and share:
+            try:
+                pickle.dumps(result)  # fails here, delivered, rather than inside the broadcast on rank 0 only
+            except Exception as err:
+                failure = err
+        if failure is None:
+            payload = ("ok", result if share else None)
+        else:
+            line = " ".join(str(failure).split()) or "(no message)"
+            payload = ("error", _portable(failure), f"rank 0 could not {what}: {type(failure).__name__}: {line}")
+    payload = broadcast_object(payload)
+    if payload[0] == "ok":
+        return result if main else payload[1]
+    _, portable, line = payload
+    if main:
+        if portable is not None:
+            raise failure
+        raise RankZeroError(line) from failure
+    if portable is not None:
+        portable.add_note(f"(raised on rank 0, which could not {what}; delivered to every rank)")
+        raise portable
+    raise RankZeroError(line)
 
 
 def count_rank_mismatches(tensors: Sequence[torch.Tensor]) -> int:

@@ -51,11 +51,12 @@ import torch
 import torch.distributed as dist
 from torch.optim import lr_scheduler as sched
 
-from spnet_dist.config import check_zero_stage, micro_batch_size
+from spnet_dist.config import LR_BASE_BATCH, check_zero_stage, micro_batch_size
 from spnet_dist.distributed import init_distributed, unlink_deepspeed_shm
 
 __all__ = [
     "WARMUP_START_FACTOR",
+    "learning_rate",
     "DEEPSPEED_DEFAULT_BUCKET",
     "zero_bucket_size",
     "needs_grad_norm",
@@ -177,7 +178,30 @@ def deepspeed_config(cfg: Any, world_size: int | None = None, num_parameters: in
 # --------------------------------------------------------------------------------------------
 
 
-def build_optimizer(model: torch.nn.Module, optim_cfg: Any) -> torch.optim.SGD:
+def learning_rate(optim_cfg: Any, global_batch_size: int) -> float:
+    """The SGD learning rate of a run: ``optim.lr``, scaled by the global batch when asked.
+
+    ``optim.lr_scaling``: ``none`` uses ``optim.lr`` as it is; ``linear`` is Goyal et al.'s
+    linear scaling rule (2017, "Accurate, Large Minibatch SGD": lr = 0.1 x kn / 256 for
+    ResNet-50, with a gradual warm-up, validated to 8,192 images per step), i.e.
+    ``optim.lr x global_batch_size / LR_BASE_BATCH``: ``optim.lr`` is then the rate of a
+    256-image step. The one place the rule is applied (:func:`build_optimizer`); the trainer
+    prints what it gives. The global batch, not the micro-batch, sets it, so a requeue onto
+    another number of ranks keeps the rate.
+
+    Args:
+        optim_cfg: has ``lr`` and ``lr_scaling`` (absent: ``none``).
+        global_batch_size: images per optimizer step over all ranks and accumulation steps.
+    """
+    scaling = getattr(optim_cfg, "lr_scaling", "none")
+    if scaling == "none":
+        return float(optim_cfg.lr)
+    if scaling == "linear":
+        return float(optim_cfg.lr) * global_batch_size / LR_BASE_BATCH
+    raise ValueError(f"optim.lr_scaling must be 'none' or 'linear', got {scaling!r}")
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg: Any, global_batch_size: int | None = None) -> torch.optim.SGD:
     """SGD with momentum and weight decay over the trainable parameters (paper recipe).
 
     One parameter group: the paper (and its code) decays every parameter, BN included.
@@ -186,12 +210,18 @@ def build_optimizer(model: torch.nn.Module, optim_cfg: Any) -> torch.optim.SGD:
 
     Args:
         model: the student network.
-        optim_cfg: has ``lr``, ``momentum``, ``weight_decay``, ``nesterov``.
+        optim_cfg: has ``lr``, ``momentum``, ``weight_decay``, ``nesterov`` (and ``lr_scaling``).
+        global_batch_size: images per optimizer step, for ``optim.lr_scaling=linear``
+            (:func:`learning_rate`); needed only then.
     """
+    if global_batch_size is None:
+        if getattr(optim_cfg, "lr_scaling", "none") != "none":
+            raise ValueError("build_optimizer: optim.lr_scaling needs the global batch size")
+        global_batch_size = LR_BASE_BATCH
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.SGD(
         params,
-        lr=optim_cfg.lr,
+        lr=learning_rate(optim_cfg, global_batch_size),
         momentum=optim_cfg.momentum,
         weight_decay=optim_cfg.weight_decay,
         nesterov=optim_cfg.nesterov,
@@ -211,7 +241,8 @@ def build_scheduler(
       warm-up, ``LinearLR`` first and then the cosine over the remaining steps (``SequentialLR``).
 
     Warm-up lasts ``round(warmup_epochs x steps_per_epoch)`` steps, from
-    ``lr x WARMUP_START_FACTOR`` up to ``lr``.
+    ``lr x WARMUP_START_FACTOR`` up to ``lr``, the optimizer's rate (:func:`learning_rate`: with
+    ``optim.lr_scaling=linear`` the scaled one, so warm-up is Goyal et al.'s gradual warm-up to it).
 
     Args:
         optimizer: the (unwrapped) torch optimizer.
@@ -314,7 +345,7 @@ def build_engine(
     check_ds_config(ds_config)
     if not dist.is_initialized():
         init_distributed()
-    optimizer = build_optimizer(model, optim_cfg)
+    optimizer = build_optimizer(model, optim_cfg, ds_config["train_batch_size"])
     scheduler = build_scheduler(optimizer, schedule_cfg, steps_per_epoch)
     engine, ds_optimizer, _, ds_scheduler = deepspeed.initialize(
         args=SimpleNamespace(device_rank=_device_rank()),

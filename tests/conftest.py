@@ -1,5 +1,6 @@
 """Fixtures shared across the test suite."""
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -47,6 +48,16 @@ def tiny_config(digits_root, tmp_path):
         return load_config(REPO_ROOT / "configs" / "demo.yaml", tiny_overrides(digits_root, tmp_path / "run") + list(overrides))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def stop_handlers_restored():
+    """A Trainer installs its SIGUSR2/SIGTERM handlers at set-up and restores them at the end of
+    fit(); one a test builds and never fits must not leave them on the test process."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR2, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
 
 
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

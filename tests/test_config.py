@@ -176,6 +176,42 @@ def test_micro_batch_of_one_is_rejected_with_the_batches_that_work(global_batch,
     validate(cfg, world, check_paths=False)
 
 
+R50 = REPO / "configs" / "imagenet" / "spnet_r50.yaml"
+
+
+@pytest.mark.parametrize("world, overrides, device, micro", [
+    (32, [], "cuda", 4),  # the paper's 128 images on 4 nodes x 8 GPUs
+    (16, [], "cuda", 8),  # requeued onto 2 nodes
+    (8, ["engine.global_batch_size=512", "engine.grad_accum=4"], "cuda", 16),
+    (32, ["engine.global_batch_size=512", "engine.grad_accum=4"], "cuda", 4),  # accumulation splits it again
+    (8, [], "cuda", 16),
+    (32, ["model.sync_bn=true"], "cuda", 4),
+    (32, [], "cpu", 4),
+])
+def test_a_small_micro_batch_on_cuda_warns_naming_the_fields_and_the_fixes(world, overrides, device, micro):
+    # Finding 4: without sync_bn every BatchNorm normalises over the micro-batch alone.
+    cfg = load_config(R50, overrides, check_paths=False, world_size=world)
+    assert micro_batch_size(cfg, world) == micro
+    warnings = C.config_warnings(cfg, world, device)
+    if micro >= C.BN_MIN_MICRO_BATCH or cfg.model.sync_bn or device == "cpu":
+        assert warnings == []
+        return
+    [line] = warnings
+    assert "\n" not in line and f"a micro-batch of {micro} images" in line
+    for fix in ("model.sync_bn=true", "engine.global_batch_size", "optim.lr_scaling=linear", "fewer ranks"):
+        assert fix in line, fix
+
+
+def test_linear_lr_scaling_without_warm_up_warns():
+    large = ["engine.global_batch_size=1024", "optim.lr_scaling=linear"]
+    cfg = load_config(R50, large, check_paths=False, world_size=32)
+    [line] = C.config_warnings(cfg, 32, "cuda")
+    assert line.startswith("optim.lr_scaling: 'linear' at engine.global_batch_size 1024 starts at 4 x optim.lr")
+    assert "schedule.warmup_epochs=5" in line
+    assert C.config_warnings(load_config(R50, large + ["schedule.warmup_epochs=5"], check_paths=False,
+                                         world_size=32), 32, "cuda") == []
+
+
 def test_fp16_needs_zero_1_or_2():
     # Finding 7: with ZeRO 0, DeepSpeed's GradScaler skips overflow steps without the engine noticing.
     cfg = Config()
@@ -221,6 +257,7 @@ BAD_YAML = [
     ("model: {num_classes: 100}\ndata: {format: digits}", ["model.num_classes: the digits data set has 10"]),
     ("model: {torchvision_weights: w.pth}", ["model.torchvision_weights: torchvision weights only fit"]),
     ("optim: {lr: 0}", ["optim.lr: 0.0 is invalid; must be > 0"]),
+    ("optim: {lr_scaling: sqrt}", ["optim.lr_scaling: 'sqrt' is not one of 'none', 'linear'"]),
     ("data: {image_size: 4}", ["data.image_size: 4 is invalid"]),
     ("engine: {grad_accum: 0}", ["engine.grad_accum: 0 is invalid"]),
     ("engine: {global_batch_size: 100, grad_accum: 8}", ["engine.global_batch_size: 100 is not divisible",

@@ -49,6 +49,19 @@ def test_helpers_are_safe_without_a_group(no_group):
         D.all_reduce_mean_([torch.tensor([1, 2])])
 
 
+def test_run_on_main_without_a_group(no_group):
+    # A plain process is rank 0 of one: the step runs and its error is raised as it is.
+    assert D.run_on_main(lambda: 7, what="compute") == 7
+    def write():
+        raise PermissionError(13, "Permission denied", "/run/config.yaml")
+
+    with pytest.raises(PermissionError):
+        D.run_on_main(write, what="write")
+    # Ranks simulated without a group (the data listing tests): rank 1 runs nothing.
+    calls = []
+    assert D.run_on_main(lambda: calls.append(1), what="compute", is_main=False) is None and calls == []
+
+
 def test_resolve_backend():
     assert D.resolve_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
     assert D.resolve_backend("gloo") == "gloo"

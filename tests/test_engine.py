@@ -23,6 +23,7 @@ from spnet_dist.engine import (
     build_scheduler,
     engine_step,
     is_boundary,
+    learning_rate,
 )
 from tests.dist_helpers import ds_config, make_cfg, micro_batches, toy_model, train_steps
 
@@ -165,6 +166,26 @@ def test_build_optimizer_is_paper_sgd():
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (
         0.1, 0.9, 1e-4, True)
     assert len(group["params"]) == len(list(model.parameters())) - 1  # frozen ones left out
+
+
+@pytest.mark.parametrize("scaling, rate", [("none", 0.1), ("linear", 0.1 * 1024 / 256)])
+def test_linear_lr_scaling_sets_the_rate_the_warm_up_reaches(scaling, rate):
+    # Goyal et al. 2017: lr x global batch / 256, reached by the gradual warm-up, applied where the
+    # engine builds its optimizer (one place).
+    cfg = make_cfg(optim__lr_scaling=scaling, engine__global_batch_size=1024, engine__zero_stage=0,
+                   schedule__warmup_epochs=1.0)
+    assert learning_rate(cfg.optim, 1024) == pytest.approx(rate)
+    engine, optimizer, scheduler = build_engine(toy_model(seed=0), cfg.optim, cfg.schedule, ds_config(cfg, 1),
+                                                steps_per_epoch=2)
+    lrs = []
+    for _ in range(3):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()  # no gradients: nothing moves; the scheduler expects it first
+        scheduler.step()
+    assert lrs == pytest.approx([rate * WARMUP_START_FACTOR, rate * (1 + WARMUP_START_FACTOR) / 2, rate])
+    if scaling == "linear":  # the rule needs the global batch: no silent unscaled rate
+        with pytest.raises(ValueError, match="needs the global batch size"):
+            build_optimizer(toy_model(), cfg.optim)
 
 
 def _lrs(kind: str, epochs: int, milestones: list[int], warmup_epochs: float, spe: int) -> list[float]:

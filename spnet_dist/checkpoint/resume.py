@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import load_config, to_dict
+from ..config import Config, load_config, to_dict
 from ..run_dir import RunDirectory
 from .store import CheckpointError, find_resumable, read_state, validate_checkpoint
 
@@ -47,7 +47,9 @@ def config_differences(saved: dict, current: dict) -> list[str]:
         saved: ``config.to_dict`` of the checkpoint's config.
         current: ``config.to_dict`` of the resuming run's config.
     """
-    a, b = _flatten(saved), _flatten(current)
+    # A field the saved config lacks was added to the schema after the checkpoint was written: it
+    # had its default's meaning then (e.g. optim.lr_scaling absent = 'none'), so it compares as that.
+    a, b = {**_flatten(to_dict(Config())), **_flatten(saved)}, _flatten(current)
     safe = set(SAFE_TO_CHANGE)
     if b.get("schedule.kind") == "cosine":
         safe.discard("schedule.epochs")

@@ -57,23 +57,25 @@ def _shared_listing(data_cfg: Any, rank: int, listing_path: Optional[Path]) -> O
     """Rank 0 scans the JPEG folders and saves the file list; the other ranks read it.
 
     Listing ImageNet's 1.28M files on a network file system costs minutes per rank; reading one
-    JSON file costs a second. A scan error (missing split, empty class folder, train/val class
-    mismatch) is saved instead of the list, so every rank raises the same one-line error rather
-    than waiting at the barrier. Without ``listing_path`` every rank scans for itself.
+    JSON file costs a second. Any failure of rank 0's step (a missing split, an empty class
+    folder, a train/val class mismatch, but also a folder it may not read or a stale NFS handle)
+    reaches every rank through ``distributed.run_on_main``, so every rank raises the same
+    one-line error instead of waiting for rank 0 in a collective. Rank 0 also writes the error
+    into the listing instead of the file list, where it can: ranks simulated without a process
+    group (the tests) read it there. Without ``listing_path`` every rank scans for itself.
     """
     if data_cfg.format not in JPEG_FOLDERS or listing_path is None:
         return None
-    error: Optional[Exception] = None
-    if rank == 0:  # the digits cache is built on first use: by rank 0 only
+
+    def scan() -> None:  # the digits cache is built on first use: by rank 0 only
         try:
             train, val = build_imagefolder(prepared_root(data_cfg))
             save_listing(listing_of(train, val), listing_path)
-        except (FileNotFoundError, ValueError) as err:
-            error = err
+        except (FileNotFoundError, ValueError) as err:  # layout errors: read_listing re-raises them
             save_listing({"error": str(err), "type": type(err).__name__}, listing_path)
-    D.barrier()
-    if error is not None:
-        raise error
+            raise
+
+    D.run_on_main(scan, is_main=rank == 0, share=False, what=f"list the images of data.root={data_cfg.root!r}")
     return read_listing(listing_path, prepared_root(data_cfg))  # other ranks: the finished cache, at once
 
 
@@ -91,8 +93,9 @@ def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_siz
     """Build this rank's ``(train_loader, val_loader)`` with the configured backend.
 
     The one call the trainer makes. Rank 0 prepares the data (the digits cache) and scans the
-    folders; the other ranks wait at a barrier and read its saved file list (``listing_path``),
-    so a bad layout stops every rank with the same one-line error before training.
+    folders; the other ranks wait for its status (``distributed.run_on_main``) and read its saved
+    file list (``listing_path``), so any failure of the scan stops every rank with the same
+    one-line error before training.
 
     Args:
         data_cfg: ``spnet_dist.config.DataConfig`` (format, root, image_size, augment,

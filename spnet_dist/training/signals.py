@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -50,21 +51,35 @@ class StopSignals:
     The training loop reads :attr:`requested` at agreed step boundaries and all-reduces it, so
     every rank stops at the same step. A second SIGTERM restores the default action and
     re-raises it: the process exits at once (status 128 + 15), the last sealed checkpoint stays.
-    Installed by :meth:`install` when training starts; :meth:`restore` puts back whatever handlers
-    were there before (submitit's, for instance).
+    A SIGTERM that arrives within :attr:`BURST_S` seconds of the first one is not a second
+    request but the same one: at a time limit and at the end of a preemption's GraceTime, SLURM
+    22.05 sends each task SIGTERM, SIGCONT, SIGTERM within 5 ms (docs/library-facts.md), and
+    exiting on the second would cut short the save that the first one starts; SLURM's SIGKILL
+    comes KillWait (30 s by default) later. A deliberate second kill more than BURST_S after the
+    first still exits at once (and so does any SIGTERM after that).
+    Installed by :meth:`install` at the start of the trainer's set-up (a stop requested while the
+    run directory is planned or the data is listed is honoured at the first agreed check);
+    :meth:`restore` puts back whatever handlers were there before (submitit's, for instance).
     """
 
     SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+    BURST_S = 2.0  # 400 x the 5 ms measured between SLURM's two SIGTERMs
 
     def __init__(self) -> None:
         self.requested = 0  # signal number of the first request, 0 = none
+        self._first_term: float | None = None  # time.monotonic() of the first SIGTERM
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGTERM and self.requested == signal.SIGTERM:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+        if signum == signal.SIGTERM:
+            now, first = time.monotonic(), self._first_term
+            if first is not None and now - first < self.BURST_S:
+                return  # the same stop request (SLURM's pair): let the save that it started finish
+            if first is not None:  # a deliberate second request
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            self._first_term = now
         if not self.requested or signum == signal.SIGTERM:
             self.requested = signum
 
@@ -86,10 +101,12 @@ class StopCheck:
     Args:
         device: the training device (the count lives there: no host sync per step).
         world_size: ranks of the job.
+        signals: the handlers whose requests are agreed on (the trainer installs them at the start
+            of its set-up); None: new, not yet installed ones.
     """
 
-    def __init__(self, device: torch.device, world_size: int) -> None:
-        self.signals = StopSignals()
+    def __init__(self, device: torch.device, world_size: int, signals: Optional[StopSignals] = None) -> None:
+        self.signals = StopSignals() if signals is None else signals
         self.world_size = world_size
         self._bad = torch.zeros((), dtype=torch.int64, device=device)
         self.new_bad = 0  # non-finite losses found by the last agreement (a checkpoint is not written)

@@ -20,8 +20,9 @@ import torch
 from .. import distributed as D
 from ..checkpoint import (CheckpointError, RankState, ResumeMismatch, Snapshot, TeacherState, TrainState,
                           capture_rng, load_snapshot, point_alias, restore_rng, save_snapshot, step_tag)
-from ..config import Config, micro_batch_size, parse_args, to_dict
+from ..config import LR_BASE_BATCH, Config, config_warnings, micro_batch_size, parse_args, to_dict
 from ..data import build_loaders
+from ..engine import learning_rate
 from ..evaluate import evaluate
 from ..flops import profile_macs
 from ..models.from_config import build_model
@@ -30,7 +31,8 @@ from .epoch import EpochAccumulator, IntervalMeter
 from .planning import plan_run_directory
 from .reproducibility import seed_everything, set_deterministic
 from .run_log import RunLogger, results_table
-from .signals import EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED, Preempted, StopCheck, TrainingDiverged
+from .signals import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED, Preempted, StopCheck, StopSignals,
+                      TrainingDiverged)
 from .step import SPNetStep
 
 __all__ = ["Trainer", "main", "cli"]
@@ -45,11 +47,17 @@ class Trainer:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self._undo_deterministic = set_deterministic(cfg.run.deterministic)  # before any CUDA/cuBLAS call
+        # SIGUSR2/SIGTERM only set a flag from the first line of set-up (rank 0's scan of a network
+        # file system can take minutes): the first agreed check in fit() acts on a stop requested
+        # before it. Restored at the end of fit(), or here if set-up fails.
+        self.signals = StopSignals().install()
+        self._undo_deterministic: Any = lambda: None
         try:
+            self._undo_deterministic = set_deterministic(cfg.run.deterministic)  # before any CUDA/cuBLAS call
             self._set_up()
         except BaseException:
-            self._undo_deterministic()  # a failed set-up leaves the process as it found it
+            self.signals.restore()  # a failed set-up leaves the process as it found it
+            self._undo_deterministic()
             raise
 
     def _set_up(self) -> None:
@@ -63,12 +71,19 @@ class Trainer:
         # ============ run directory: a fresh run, or resume (rank 0 decides, every rank obeys) ============
         self.run_dir = RunDirectory(cfg.run.out_dir)
         self.plan = plan_run_directory(cfg, self.run_dir, self.dist.is_main)
-        self.log = RunLogger(self.run_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard,
-                             purge_step=self.plan.restart_step)
+        # Rank 0 alone creates the TensorBoard files: a failure there reaches every rank.
+        opened = D.run_on_main(lambda: RunLogger(self.run_dir, True, cfg.run.progress, cfg.run.tensorboard,
+                                                 purge_step=self.plan.restart_step),
+                               is_main=self.dist.is_main, share=False, what="open the TensorBoard log")
+        self.log = opened if self.dist.is_main else RunLogger(self.run_dir, False)
+        # The per-rank batch every BatchNorm sees (without sync_bn): a decision the user sees.
+        self.micro_batch = micro_batch_size(cfg, self.dist.world_size)
+        for warning in config_warnings(cfg, self.dist.world_size, self.device.type):
+            self.log.print(f"warning: {warning}")
 
         # ============ data: rank 0 prepares and scans, the others read its file list ============
         self.train_loader, self.val_loader = build_loaders(
-            cfg.data, micro_batch_size(cfg, self.dist.world_size), self.dist.rank, self.dist.world_size,
+            cfg.data, self.micro_batch, self.dist.rank, self.dist.world_size,
             cfg.run.seed, device=self.device, channels_last=getattr(cfg.engine, "channels_last", False),
             listing_path=self.run_dir.data_files,
         )
@@ -96,7 +111,7 @@ class Trainer:
         # ============ the loop's state: counters, epoch sums, stop agreement ============
         self.state = TrainState()
         self.epoch_sums = EpochAccumulator(self.device)
-        self.stop = StopCheck(self.device, self.dist.world_size)
+        self.stop = StopCheck(self.device, self.dist.world_size, self.signals)
         self.last_tag: Optional[str] = None  # the newest checkpoint this run has (for `final`)
         if self.plan.checkpoint is not None:
             self._restore(self.plan.checkpoint)
@@ -106,7 +121,6 @@ class Trainer:
         """Train for ``schedule.epochs`` (or ``run.max_steps``) and return the last evaluation."""
         cfg, record = self.cfg, {}
         self.log.print(self._describe())
-        self.stop.signals.install()  # SIGUSR2/SIGTERM only set a flag from here on; restored below
         try:
             for epoch in range(self.state.epoch, cfg.schedule.epochs):
                 if self._done():
@@ -126,9 +140,11 @@ class Trainer:
                     raise Preempted(stop, path)
 
             # ============ the end: `final` names the last checkpoint ============
-            if self.dist.is_main and self.last_tag is not None:
-                point_alias(self.run_dir.checkpoints, "final", self.last_tag)
-            D.barrier()
+            def point_final() -> None:
+                if self.last_tag is not None:
+                    point_alias(self.run_dir.checkpoints, "final", self.last_tag)
+
+            D.run_on_main(point_final, is_main=self.dist.is_main, share=False, what="point checkpoints/final")
         finally:
             self.stop.signals.restore()
             self.log.close()
@@ -207,7 +223,9 @@ class Trainer:
         """Evaluate, append the record to the run's metrics and print it; returns the record."""
         record = {"epoch": self.state.epoch, "step": self.state.step, **self.evaluate(),
                   "loss": {k: v for k, v in train_means.items() if k != "images_per_sec"},
-                  "images_per_sec": train_means["images_per_sec"], "lr": self.scheduler.get_last_lr()[0]}
+                  "images_per_sec": train_means["images_per_sec"], "lr": self.scheduler.get_last_lr()[0],
+                  # what BatchNorm normalised over since the last record (a requeue may change it)
+                  "micro_batch": self.micro_batch, "world_size": self.dist.world_size}
         self.log.metrics(record)
         self.log.print(
             f"epoch {record['epoch']} step {record['step']}: top-1 {record['top1']:.2f} %, "
@@ -309,13 +327,24 @@ class Trainer:
         moved = "" if snap.world_size == world else (
             f" (world size {snap.world_size} -> {world}: "
             + ("optimizer state kept" if snap.optimizer_loaded else "SGD momentum restarts from zero") + ")")
+        saved_engine = snap.config["engine"]  # global batch and accumulation cannot change on resume
+        saved_micro = saved_engine["global_batch_size"] // (saved_engine["grad_accum"] * snap.world_size)
+        if saved_micro != self.micro_batch:
+            bn = (f"SyncBatchNorm still normalises over {self.micro_batch * world} images" if self.cfg.model.sync_bn
+                  else f"every BatchNorm now normalises over {self.micro_batch} images instead of {saved_micro}")
+            self.log.print(f"warning: world size {snap.world_size} -> {world} changes the micro-batch from {saved_micro} "
+                           f"to {self.micro_batch} images per rank: {bn}; the global batch and the learning rate "
+                           "are unchanged (metrics.jsonl records micro_batch and world_size with every evaluation)")
         self.log.print(f"resumed from {path.name}: epoch {self.state.epoch}, step {self.state.step}, "
                        f"micro-batch {self.state.batch_in_epoch} of the epoch{moved}")
 
     def _describe(self) -> str:
         cfg = self.cfg
+        lr = learning_rate(cfg.optim, cfg.engine.global_batch_size)
+        scaled = (f" = optim.lr {cfg.optim.lr:g} x {cfg.engine.global_batch_size}/{LR_BASE_BATCH} (optim.lr_scaling=linear)"
+                  if cfg.optim.lr_scaling == "linear" else "")
         return (f"SP-Net {cfg.model.name}: {self.model.num_blocks} gated blocks, world size {self.dist.world_size}, "
-                f"micro-batch {micro_batch_size(cfg, self.dist.world_size)} x accumulation {cfg.engine.grad_accum}, "
+                f"micro-batch {self.micro_batch} x accumulation {cfg.engine.grad_accum}, lr {lr:g}{scaled}, "
                 f"{self.steps_per_epoch} optimizer steps/epoch, static {self.mac_profile.static() / 1e9:.4f} GMACs")
 
 

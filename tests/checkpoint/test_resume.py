@@ -19,6 +19,17 @@ def test_config_differences_lists_only_unsafe_fields():
     assert C.config_differences(to_dict(a), to_dict(b)) == ["schedule.epochs: 320 -> 10"]
 
 
+def test_a_field_added_after_the_checkpoint_compares_as_its_default():
+    # A checkpoint written before optim.lr_scaling existed resumes with the default ('none') and
+    # is refused with any other value.
+    saved = to_dict(Config())
+    del saved["optim"]["lr_scaling"]
+    assert C.config_differences(saved, to_dict(Config())) == []
+    linear = Config()
+    linear.optim.lr_scaling = "linear"
+    assert C.config_differences(saved, to_dict(linear)) == ["optim.lr_scaling: 'none' -> 'linear'"]
+
+
 def test_plan_resume_rules(tmp_path):
     out = tmp_path / "run"
     cfg = Config()

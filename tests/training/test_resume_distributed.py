@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from spnet_dist import checkpoint as C
 from spnet_dist import training
 from spnet_dist.config import load_config
+from spnet_dist.run_dir import RunDirectory
 
 from ..conftest import REPO_ROOT, tiny_overrides
 from ..dist_helpers import WORKERS, free_port, run_command
@@ -47,7 +48,11 @@ def test_world_size_two_to_one_resumes_by_the_documented_rule(digits_root, tmp_p
     cfg = load_config(DEMO, overrides)
     trainer = training.Trainer(cfg)
     try:
-        assert "world size 2 -> 1: SGD momentum restarts from zero" in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert "world size 2 -> 1: SGD momentum restarts from zero" in printed
+        # Finding 4: the requeue changes what every BatchNorm normalises over; it is said, not silent.
+        assert ("warning: world size 2 -> 1 changes the micro-batch from 16 to 32 images per rank: every "
+                "BatchNorm now normalises over 32 images instead of 16") in printed
         assert trainer.state.step == 5 and trainer.engine.global_steps == 5
         assert trainer.scheduler.last_epoch == 5  # the LR schedule continues where it stopped
         teacher = load_file(str(ckpt / C.TEACHER_FILE))
@@ -65,6 +70,8 @@ def test_world_size_two_to_one_resumes_by_the_documented_rule(digits_root, tmp_p
     finally:
         trainer._undo_deterministic()
     assert trainer.state.step == 8 and record["step"] == 8
+    assert (record["micro_batch"], record["world_size"]) == (32, 1)  # and recorded in metrics.jsonl
+    assert [(r["micro_batch"], r["world_size"]) for r in RunDirectory(out).read_metrics()] == [(32, 1)]
     assert C.resolve_checkpoint(out, "final").name == "step_00000008"
 
 

@@ -1,6 +1,8 @@
 """spnet-train end to end in one process: the real entry point on the real digits data."""
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,7 @@ def test_cli_runs_and_writes_the_run_directory(digits_root, tmp_path, capsys):
     assert all(math.isfinite(v) for v in rec["loss"].values())
     assert rec["gmacs_paper"] == pytest.approx(2 * rec["gmacs"])
     assert rec["images"] == 360  # every validation image, once
+    assert (rec["micro_batch"], rec["world_size"]) == (32, 1)  # what BatchNorm normalised over
     assert list((out_dir / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -241,3 +244,34 @@ def test_at_most_one_dali_pipeline_is_alive_during_evaluation(tiny_config, overr
     trainer.val_loader = Watched()
     record = trainer.fit()
     assert record["images"] == 360 and alive and max(alive) == 1
+
+
+def test_a_stop_requested_during_set_up_is_honoured_at_the_first_check(tiny_config, monkeypatch):
+    # A SIGTERM while rank 0 lists the images (minutes on a network file system): submitit's own
+    # handler only logs SIGTERM, so before the trainer's handlers the request was lost and the
+    # preempted job ran on until SLURM killed it. Stand-in for submitit's handler: a recorder.
+    from spnet_dist.training import trainer as trainer_module
+
+    seen = []
+
+    def recorder(signum, frame):
+        seen.append(signum)
+
+    submitits = signal.signal(signal.SIGTERM, recorder)
+    real = trainer_module.build_loaders
+
+    def build_loaders(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a preemption during set-up
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "build_loaders", build_loaders)
+    try:
+        trainer = training.Trainer(tiny_config("run.stop_check_every=2", "run.checkpoint_every=0"))
+        with pytest.raises(training.Preempted) as stop:
+            trainer.fit()
+        assert stop.value.signum == signal.SIGTERM and trainer.state.step == 2  # the first agreed check
+        assert stop.value.checkpoint.name == "step_00000002"
+        assert seen == []  # the trainer's handler had it, not the previous one
+        assert signal.getsignal(signal.SIGTERM) is recorder  # put back at the end of fit()
+    finally:
+        signal.signal(signal.SIGTERM, submitits)

@@ -1,5 +1,8 @@
 """spnet-train on 2 CPU ranks (gloo, ZeRO-2) under torchrun and the deepspeed launcher."""
 import json
+import re
+import sys
+import time
 
 import pytest
 import torch
@@ -12,8 +15,8 @@ from spnet_dist.models.from_config import build_model
 from spnet_dist.training.reproducibility import seed_everything
 
 from ..conftest import REPO_ROOT, tiny_overrides
-from ..dist_helpers import (WORKERS, assert_evaluation_matches, hand_evaluation, run_deepspeed, run_torchrun,
-                           run_torchrun_nodes)
+from ..dist_helpers import (WORKERS, assert_evaluation_matches, free_port, hand_evaluation, run_command,
+                           run_deepspeed, run_torchrun, run_torchrun_nodes)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -103,3 +106,28 @@ def test_two_nodes_shard_data_by_global_rank(digits_root, tmp_path):
     val0, val1 = (r["val"] for r in ranks)
     assert not set(val0) & set(val1)
     assert sorted(val0 + val1) == list(range(val_size))  # every validation image exactly once
+
+
+@pytest.mark.parametrize("step, error", [
+    ("save_config", "PermissionError: [Errno 13] Permission denied: '{out}/config.yaml'"),
+    ("scan", "OSError: [Errno 116] Stale file handle: '{root}/train'"),
+], ids=["save_config", "scan"])
+def test_a_rank_0_set_up_failure_ends_every_rank_with_the_same_error(digits_root, tmp_path, step, error):
+    # Rank 0 alone prepares the run directory and lists the images. Its failure must reach the
+    # other ranks at once: they would otherwise wait in a collective for engine.timeout_min (30 min
+    # here, the default). Rank 0 stays alive after failing (as an NCCL peer seems to), so only
+    # the delivered error can end rank 1; the 120 s guard fails the test if it does not.
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(WORKERS / "setup_failure.py"),
+           "--config", DEMO, "--fail", step, *tiny_overrides(digits_root, out), "engine.timeout_min=30"]
+    start = time.monotonic()
+    done = run_command(cmd, timeout=120, check=False)  # a hang raises "timed out after 120s"
+    failed = dict(re.findall(r"rank (\d) failed at ([\d.]+)", done.stdout))
+    gap = abs(float(failed["1"]) - float(failed["0"])) if len(failed) == 2 else float("nan")
+    print(f"{step} failure: the 2-rank job ended after {time.monotonic() - start:.1f} s, rank 1 raised "
+          f"{gap:.2f} s after rank 0", file=sys.__stdout__)
+    assert done.returncode != 0
+    expected = error.format(out=out, root=digits_root)
+    lines = sorted(set(re.findall(r"rank (\d) error: (.*)", done.stdout)))
+    assert lines == [("0", expected), ("1", expected)], done.stdout[-4000:]

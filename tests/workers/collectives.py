@@ -21,6 +21,49 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+class NeedsTwoArguments(Exception):
+    """An exception that cannot be unpickled (its __init__ needs more than its args)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+
+
+def raises(exc: BaseException):
+    def fn():
+        raise exc
+    return fn
+
+
+def check_run_on_main(rank: int) -> None:
+    calls = []
+    assert D.run_on_main(lambda: calls.append(rank) or {"from": rank}, what="compute") == {"from": 0}
+    assert calls == ([0] if rank == 0 else [])  # rank 0 alone runs the step
+    assert D.run_on_main(lambda: f"own-{rank}", what="compute", share=False) == ("own-0" if rank == 0 else None)
+    # An exception that travels: the same type and one-line message on every rank.
+    try:
+        D.run_on_main(raises(PermissionError(13, "Permission denied", "/run/config.yaml")), what="write")
+    except PermissionError as err:
+        assert str(err) == "[Errno 13] Permission denied: '/run/config.yaml'", err
+    else:
+        raise AssertionError("run_on_main did not raise rank 0's PermissionError")
+    # A result that cannot be broadcast fails on rank 0, before the broadcast, and travels too.
+    try:
+        D.run_on_main(lambda: (lambda: None), what="compute")
+    except AttributeError as err:
+        assert "pickle" in str(err), err
+    else:
+        raise AssertionError("run_on_main broadcast an unpicklable result")
+    # Exceptions that cannot travel (unpicklable, a multi-line message): RankZeroError everywhere.
+    for fn, kind in ((raises(NeedsTwoArguments("/data", "stale")), "NeedsTwoArguments: /data: stale"),
+                     (raises(ValueError("two\nlines")), "ValueError: two lines")):
+        try:
+            D.run_on_main(fn, what="list the data")
+        except D.RankZeroError as err:
+            assert str(err).startswith("rank 0 could not list the data: ") and kind in str(err), err
+        else:
+            raise AssertionError(f"run_on_main did not raise RankZeroError for {kind}")
+
+
 def main() -> None:
     info = D.init_distributed("gloo")
     assert D.init_distributed() == info, "init_distributed must be idempotent"
@@ -91,6 +134,9 @@ def main() -> None:
     D.broadcast_([ints], src=1)
     assert torch.equal(ints, torch.arange(5) + 1)
     assert D.broadcast_object({"run": f"id-{rank}"}) == {"run": "id-0"}
+
+    # ---- run_on_main: rank 0's result, or rank 0's error, on every rank --------------------
+    check_run_on_main(rank)
 
     D.barrier()
     print(f"COLLECTIVES-OK rank={rank}", flush=True)
