@@ -14,7 +14,7 @@ from .dist_helpers import WORKERS, assert_evaluation_matches, eval_problem, hand
 
 
 def test_evaluate_matches_a_hand_computation_from_logits_and_decisions():
-    model, images, targets = eval_problem(7)
+    model, images, targets = eval_problem(7, seed=1)  # seed 0: a stage head happens to score 4/7 too
     profile = profile_macs(model, (8, 8))
     expected = hand_evaluation(model, images, targets, profile)
     # The problem is built so that the wrong readings give other numbers:
