@@ -202,11 +202,17 @@ def calibrate_threshold(measure: Callable[[float], tuple[float, Optional[Sequenc
                         edges: tuple[float, float, int] = DIFF_EDGES) -> Calibration:
     """Find d with measured execution rate r(d) within ``tol`` of ``target`` (r falls as d rises).
 
-    Bisection on a bracket [a, b] with r(a) > target > r(b), whose next point is proposed by the
-    histogram of the last pass (:func:`threshold_for_rate`: the d that would give the target if
-    the routers' logits did not depend on the paths, which they do through the blocks before
-    them) and replaced by the bracket's midpoint when the proposal leaves the bracket or stalls.
-    Before both ends are known, a step of 2, 4, 8, ... logits from the last point bounds it.
+    A safeguarded root search on r(d) - target, every point measured:
+
+    1. the first step goes to the histogram's proposal (:func:`threshold_for_rate`: the d that
+       would give the target if the routers' logits did not depend on the paths; they do,
+       through the blocks before them, so it is only a first guess);
+    2. while only one side of the target is known: secant steps through the last two measured
+       points (the measured slope includes the paths' feedback), or the histogram's proposal
+       where the secant has no slope (r is a step function on a finite set: two points on one
+       plateau), or a step of 2, 4, 8, ... logits when the proposal points the wrong way;
+    3. once a bracket [a, b] with r(a) > target > r(b) is known: false position between its
+       ends, every other step bisection (the bracket at least halves every two passes).
 
     Args:
         measure: d -> (execution rate, histogram counts of the logit differences or None).
@@ -221,26 +227,39 @@ def calibrate_threshold(measure: Callable[[float], tuple[float, Optional[Sequenc
     if not 0.0 <= target <= 1.0:
         raise ValueError(f"target execution rate must be in [0, 1], got {target}")
     below, above = -math.inf, math.inf  # r(below) > target > r(above)
+    rate_below = rate_above = math.nan
     passes: list[tuple[float, float]] = []
     d = float(start)
     step = 2.0
+    bracketed_passes = 0
     for _ in range(max_passes):
         rate, counts = measure(d)
         passes.append((d, rate))
         if abs(rate - target) <= tol:
             return Calibration(d, rate, passes, True)
-        if rate > target:
-            below = max(below, d)
-        else:
-            above = min(above, d)
-        proposal = threshold_for_rate(counts, target, edges) if counts is not None else math.nan
+        if rate > target and d > below:
+            below, rate_below = d, rate
+        elif rate < target and d < above:
+            above, rate_above = d, rate
         if math.isfinite(below) and math.isfinite(above):
-            mid = 0.5 * (below + above)
-            inside = below < proposal < above and all(abs(proposal - x) > 1e-6 for x, _ in passes)
-            # a proposal that lands in the outer quarters of a bracket it failed to hit twice in a
-            # row would crawl: bisection guarantees the halving.
-            d = proposal if inside and len(passes) < 4 else mid
-        elif math.isfinite(proposal) and below < proposal < above and abs(proposal - d) > 1e-6:
+            # Inside a bracket: false position between its ends, every other step bisection,
+            # so the bracket at least halves every two passes whatever the steps of r.
+            bracketed_passes += 1
+            if bracketed_passes % 2 == 1 and rate_below != rate_above:
+                d = below + (rate_below - target) * (above - below) / (rate_below - rate_above)
+            else:
+                d = 0.5 * (below + above)
+            continue
+        proposal = threshold_for_rate(counts, target, edges) if counts is not None else math.nan
+        if len(passes) >= 2:
+            (d0, r0), (d1, r1) = passes[-2], passes[-1]
+            slope = (r1 - r0) / (d1 - d0) if d1 != d0 else 0.0
+            if slope < 0:  # r falls with d, as it must for a useful secant
+                # at most 4 times the last step: a nearly flat secant (a plateau of r) would
+                # otherwise throw d to a saturated end that bisection then needs passes to leave
+                reach = 4.0 * abs(d1 - d0)
+                proposal = d1 + max(-reach, min(reach, (target - r1) / slope))
+        if math.isfinite(proposal) and below < proposal < above and all(abs(proposal - x) > 1e-9 for x, _ in passes):
             d = proposal
         else:
             d = d + step if rate > target else d - step
@@ -252,7 +271,7 @@ def calibrate_threshold(measure: Callable[[float], tuple[float, Optional[Sequenc
 def evaluate_calibrated(model: GatedResNet, loader: Iterable[tuple[Tensor, Tensor]], profile: MacProfile,
                         device: torch.device, target: float,
                         autocast: contextlib.AbstractContextManager | None = None,
-                        tol: float = 0.005, max_passes: int = 6) -> dict[str, Any]:
+                        tol: float = 0.005, max_passes: int = 10) -> dict[str, Any]:
     """Calibrate the routers' shared threshold on ``loader`` to execution rate ``target``, set it on
     the model, and return the evaluation at it.
 
