@@ -75,7 +75,8 @@ _REQUIRED = ("method", "target", "seed", "final_top1", "final_mac_ratio", "bestv
 _OPTIONAL = (("final_exec_rate", "final_exec_rate", float), ("val_exec_rate", "exec_rate", float),
              ("paper_rule_exec_rate", "test_paper_rule_exec_rate", float),
              ("calibration_converged", "calibration_converged", bool), ("variant", "variant", str),
-             ("run_dir", "run_dir", str))
+             ("run_dir", "run_dir", str), ("prob_hist", "gate_prob_hist", lambda v: tuple(int(c) for c in v)),
+             ("paper_rule_prob_hist", "paper_rule_gate_prob_hist", lambda v: tuple(int(c) for c in v)))
 
 
 class CompareError(ValueError):
@@ -103,6 +104,9 @@ class RunRecord:
     calibration_converged: Optional[bool] = None
     variant: Optional[str] = None
     run_dir: Optional[str] = None
+    # validation split, last evaluation: counts of execute probabilities in equal bins over [0, 1]
+    prob_hist: Optional[tuple[int, ...]] = None              # the calibrated rule's (sigmoid(diff - d))
+    paper_rule_prob_hist: Optional[tuple[int, ...]] = None   # the paper's rule (sigmoid(diff))
 
     def point(self, selection: str = "final") -> tuple[float, float]:
         """``(MAC ratio, test top-1)`` of the epoch ``selection`` picks (``final`` | ``best_val``)."""
@@ -584,6 +588,45 @@ def power_table(records: Iterable[Mapping[str, Any] | RunRecord], baseline: str,
     return out
 
 
+def middle_share(counts: Sequence[int], low: float = 0.3, high: float = 0.7) -> Optional[float]:
+    """Share of the counted probabilities in the bins inside [low, high) (equal bins over [0, 1];
+    ``low`` and ``high`` must fall on bin edges)."""
+    total = sum(counts)
+    if not total:
+        return None
+    bins = len(counts)
+    a, b = round(low * bins), round(high * bins)
+    if abs(a - low * bins) > 1e-9 or abs(b - high * bins) > 1e-9:
+        raise CompareError(f"[{low}, {high}) does not fall on the edges of {bins} bins")
+    return sum(counts[a:b]) / total
+
+
+@dataclass(frozen=True)
+class ConfidenceRow:
+    """Per (method, target): mean over seeds of the share of unconfident router decisions."""
+
+    method: str
+    target: float
+    n: int
+    paper_rule_middle: Optional[float]   # share of execute probabilities in [0.3, 0.7), paper's rule
+    calibrated_middle: Optional[float]   # the same under the calibrated threshold
+
+
+def confidence_table(records: Iterable[Mapping[str, Any] | RunRecord]) -> list[ConfidenceRow]:
+    """How unconfident the routers are at the last evaluation (issue 20: the path loss pulls the
+    probabilities to the middle, where the hard rule and the soft mean part ways)."""
+    records = as_records(records)
+    rows = []
+    for method in methods_of(records):
+        for target in sorted({r.target for r in records if r.method == method}):
+            rs = [r for r in records if r.method == method and r.target == target]
+            paper = [m for r in rs if r.paper_rule_prob_hist and (m := middle_share(r.paper_rule_prob_hist)) is not None]
+            calib = [m for r in rs if r.prob_hist and (m := middle_share(r.prob_hist)) is not None]
+            rows.append(ConfidenceRow(method, target, len(rs), statistics.fmean(paper) if paper else None,
+                                      statistics.fmean(calib) if calib else None))
+    return rows
+
+
 # ------------------------------------------------------------------------------------ (g) path files
 PATH_COUNT_BINS = ((0, 0), (1, 1), (2, 2), (3, 5), (6, 10), (11, None))  # path changes per image, inclusive
 
@@ -799,6 +842,14 @@ def full_report(records: Iterable[Mapping[str, Any] | RunRecord], baseline: str,
         rate = "—" if row.exec_rate is None else f"{row.exec_rate:.3f} ± {row.exec_rate_sd:.3f}"
         lines.append(f"| {row.method} | {row.target:g} | {row.n} | {_f(row.val_exec_rate)} | {rate} | "
                      f"{_f(row.max_deviation)} | {within} | {_f(row.paper_rule_exec_rate)} | {row.converged}/{row.n} |")
+    confidence = confidence_table(records)
+    if any(row.paper_rule_middle is not None for row in confidence):
+        lines += ["", "## Router confidence at the last evaluation (validation split): share of execute "
+                      "probabilities in [0.3, 0.7), mean over seeds", "",
+                  "| method | t | n | paper's rule | calibrated threshold |", "|---|---|---|---|---|"]
+        for row in confidence:
+            lines.append(f"| {row.method} | {row.target:g} | {row.n} | {_f(row.paper_rule_middle)} | "
+                         f"{_f(row.calibrated_middle)} |")
     for selection in SELECTIONS:
         lines += ["", f"## Accuracy vs achieved MACs ({SELECTION_TITLES[selection]}; mean ± 95 % t interval over seeds)",
                   "", "| method | t | n | MAC ratio | top-1 |", "|---|---|---|---|---|"]

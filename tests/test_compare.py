@@ -340,3 +340,18 @@ def test_cli_writes_the_full_report_and_labels_it_partial(tmp_path):
     (out / "empty.jsonl").write_text("")
     assert C.cli([str(out / "empty.jsonl"), "--baseline", "baseline", "--out", str(report), "--expected-runs", "72"]) == 0
     assert "**PARTIAL: 0 of 72 runs finished**" in report.read_text()
+
+
+def test_router_confidence_by_hand():
+    hist = [0] * 20
+    hist[5], hist[6], hist[13], hist[14] = 10, 30, 20, 40  # bins 6..13 are [0.3, 0.7): 50 of 100
+    calibrated = [0] * 20
+    calibrated[0], calibrated[10] = 90, 10
+    assert C.middle_share(hist) == pytest.approx(0.5) and C.middle_share([0] * 20) is None
+    assert C.middle_share([1, 2, 3, 4], 0.25, 0.75) == pytest.approx(0.5)
+    with pytest.raises(C.CompareError, match="edges of 4 bins"):
+        C.middle_share([1, 2, 3, 4], 0.3, 0.7)
+    records = [rec("a", 0.5, s, 0.5, 80.0, paper_rule_gate_prob_hist=hist, gate_prob_hist=calibrated) for s in (0, 1)]
+    (row,) = C.confidence_table(records)
+    assert row.n == 2 and row.paper_rule_middle == pytest.approx(0.5) and row.calibrated_middle == pytest.approx(0.1)
+    assert C.confidence_table([rec("b", 0.5, 0, 0.5, 80.0)])[0].paper_rule_middle is None
