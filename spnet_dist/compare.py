@@ -869,16 +869,17 @@ def full_report(records: Iterable[Mapping[str, Any] | RunRecord], baseline: str,
             lines.append(f"| {p.method} | {p.where} | {SELECTION_TITLES[p.selection]} | {p.n} | {_f(p.mean, 2, True)} | "
                          f"{_f(p.sd, 2)} | {interval} | {within} | {p.seeds_needed or '—'} | {p.message or ''} |")
         lines += ["", f"At {focus:g} ({SELECTION_TITLES['final']}):", ""]
-        for p in rows:
-            if p.selection != "final" or p.where not in (f"MAC ratio {focus:g}", f"t = {focus:g}"):
-                continue
+        focused = [p for p in rows if p.selection == "final" and p.where in (f"MAC ratio {focus:g}", f"t = {focus:g}")]
+        if not focused:
+            lines.append(f"- no run of another method paired with {baseline} yet.")
+        for p in focused:
             if p.half_width is None:
                 lines.append(f"- {p.method} − {baseline} at {p.where}: {p.n} paired seed(s), no interval yet.")
             else:
                 verdict = "within" if p.within else "NOT within"
                 lines.append(f"- {p.method} − {baseline} at {p.where}: {p.mean:+.2f} ± {p.half_width:.2f} points "
                              f"over {p.n} seeds (sd {p.sd:.2f}): {verdict} ±{goal:g}; ±{goal:g} needs "
-                             f"{p.seeds_needed or f'more than 1000'} seeds at this sd.")
+                             f"{p.seeds_needed or 'more than 1000'} seeds at this sd.")
     lines += ["", markdown_report(records, baseline, mac_ratios, resamples).rstrip("\n")] \
         if baseline in methods_of(records) else []
     summaries = path_summaries(records, results_dir)
@@ -900,7 +901,7 @@ def full_report(records: Iterable[Mapping[str, Any] | RunRecord], baseline: str,
             lines.append(f"| {s.method} | {s.runs} | {s.intervals} | {_f(s.ratio)} | {_f(s.changes_mean, 2)} | "
                          f"{_f(s.chance_changes_mean, 2)} | {hist} |")
         epochs = sorted({e for s in summaries for e, _, _ in s.by_epoch})
-        lines += ["", "Path flips per epoch (mean over the epoch's intervals and the runs): observed / chance", "",
+        lines += ["", "Path flips per epoch (0-based; mean over the epoch's intervals and the runs): observed / chance", "",
                   "| method | " + " | ".join(f"epoch {e}" for e in epochs) + " |", "|---|" + "---|" * len(epochs)]
         for s in summaries:
             cells = {e: f"{f:.4f} / {c:.4f}" for e, f, c in s.by_epoch}
@@ -929,7 +930,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         else:
             text = full_report(records, args.baseline, Path(args.records).parent, args.mac_ratios,
                                args.expected_runs, resamples=args.resamples, title=args.title,
-                               source=Path(args.records).name)
+                               source=args.records)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(text)
             print(args.out)
