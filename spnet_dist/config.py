@@ -33,6 +33,7 @@ from typing import Any, Mapping, Sequence, Union
 import yaml
 
 from .data import AUGMENTS, BACKENDS, DALI_DEVICES, DATA_FORMATS, ON_CORRUPT
+from .evaluate import GATE_CALIBRATIONS
 from .losses import (CLS_FORMS, COST_FORMS, COST_RATES, COST_REDUCTIONS, EVO_STRATEGIES, LOGITS_FORMS,
                      PATH_FORMS)
 from .models import MODEL_NAMES
@@ -103,6 +104,12 @@ class ModelConfig:
     torchvision_weights: str | None = _help(
         "path to a torchvision ResNet state dict (.pth or .safetensors) to initialise the backbone; "
         "ImageNet models only", default=None)
+    gate_calibration: str = _help(
+        "evaluation rule of the routers: 'target' (execute iff logit1 - logit0 > d, one offset d shared "
+        "by all blocks, searched on the validation split at every evaluation so that the evaluated "
+        "execution rate equals loss.target_rate; only with a cost loss; training is unchanged and an "
+        "export bakes d into the router biases) | 'none' (the paper's rule logit1 > logit0)",
+        default="target")
 
 
 @dataclass
@@ -287,6 +294,11 @@ class RunConfig:
     stop_check_every: int = _help(
         "optimizer steps between the checks where ranks agree on a stop signal and count non-finite "
         "losses (one all-reduce of two integers and one host sync per check)", default=10)
+    path_probe_size: int = _help(
+        "path stability: the first N validation images whose execution paths (eval mode, paper's rule) "
+        "are snapshot into run.out_dir/paths.jsonl; 0 disables the snapshots", default=1000)
+    path_snapshot_every: int | None = _help(
+        "optimizer steps between path snapshots; null = 4 per epoch", default=None)
 
 
 @dataclass
@@ -347,6 +359,7 @@ _ALL_KEYS = [f"{s}.{k}" for s, fields in _FIELD_TYPES.items() for k in fields]
 
 # One list of choices per field: the implementing module's own tuple where it has one.
 CHOICES: dict[str, tuple[Any, ...]] = {
+    "model.gate_calibration": GATE_CALIBRATIONS,
     "teacher.forward_mode": FORWARD_MODES,
     "teacher.buffers": BUFFER_RULES,
     "teacher.execution": ("auto", "masked", "skip"),  # resolved by the trainer (training.step)
@@ -798,6 +811,9 @@ def validate(cfg: Config, world_size: int | None = None, check_paths: bool = Tru
     need(r.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     need(r.max_bad_steps >= 0, "run.max_bad_steps", "must be >= 0")
     need(r.stop_check_every >= 1, "run.stop_check_every", "must be >= 1")
+    need(r.path_probe_size >= 0, "run.path_probe_size", "must be >= 0 (0: no path snapshots)")
+    if r.path_snapshot_every is not None:
+        need(r.path_snapshot_every >= 1, "run.path_snapshot_every", "must be >= 1 (or null: 4 per epoch)")
     need(e.timeout_min > 0, "engine.timeout_min", "must be > 0")
 
 

@@ -4,6 +4,7 @@
 
     RUN/config.yaml        the resolved config of the latest attempt
     RUN/metrics.jsonl      one JSON record per evaluation, appended by rank 0
+    RUN/paths.jsonl        one line per path snapshot of the probe set (spnet_dist.training.paths)
     RUN/checkpoints/       the checkpoints (layout: spnet_dist.checkpoint.layout)
     RUN/data_files.json    the training/validation file lists rank 0 scanned (read by every rank)
     RUN/tensorboard/       TensorBoard event files, one per attempt
@@ -96,6 +97,7 @@ class RunDirectory:
     CHECKPOINTS = "checkpoints"
     DATA_FILES = "data_files.json"
     TENSORBOARD = "tensorboard"
+    PATHS = "paths.jsonl"
 
     def __init__(self, root: Union[str, os.PathLike, "RunDirectory"]) -> None:
         self.root = root.root if isinstance(root, RunDirectory) else Path(root)
@@ -122,6 +124,10 @@ class RunDirectory:
     @property
     def tensorboard(self) -> Path:
         return self.root / self.TENSORBOARD
+
+    @property
+    def paths(self) -> Path:
+        return self.root / self.PATHS
 
     def holds_run(self) -> list[str]:
         """Names of the files that show a run was started here (empty: a fresh directory)."""
@@ -156,4 +162,22 @@ class RunDirectory:
         keep = [line for line, r in zip(lines, records) if r.get("epoch", 0) <= epoch and r.get("step", 0) <= step]
         if len(keep) != len(lines):
             replace_text(self.metrics, "".join(f"{line}\n" for line in keep))
+        return len(lines) - len(keep)
+
+    # ------------------------------------------------------------------ paths.jsonl
+    def append_paths(self, line: Mapping[str, Any]) -> None:
+        """Append one path snapshot as one line (rank 0 only)."""
+        with open(self.paths, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def truncate_paths(self, step: int) -> int:
+        """Keep only the snapshots taken at or before ``step`` (a resume from that step takes the
+        later ones again); a torn last line is dropped too. Returns the number of lines removed."""
+        if not self.paths.is_file():
+            return 0
+        lines = [line for line in self.paths.read_text().splitlines() if line.strip()]
+        records = read_jsonl(self.paths)
+        keep = [line for line, r in zip(lines, records) if r.get("step", 0) <= step]
+        if len(keep) != len(lines):
+            replace_text(self.paths, "".join(f"{line}\n" for line in keep))
         return len(lines) - len(keep)

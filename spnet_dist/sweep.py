@@ -185,6 +185,46 @@ def final_metrics(run_dir: Path) -> dict:
     return {k: last[k] for k in METRICS} | {"epoch": last.get("epoch")}
 
 
+# Keys of every evaluation record copied into the results record's per-epoch list.
+EPOCH_KEYS = ("epoch", "step", "top1", "mac_ratio", "exec_rate", "gate_threshold", "test_top1", "test_mac_ratio",
+              "test_exec_rate", "paper_rule_top1", "paper_rule_exec_rate", "paper_rule_mac_ratio")
+# Keys of the last evaluation record copied as they are.
+FINAL_KEYS = ("gate_threshold", "calibration_converged", "paper_rule_top1", "paper_rule_exec_rate",
+              "paper_rule_mac_ratio", "gate_prob_hist", "paper_rule_gate_prob_hist", "exec_rates", "test_exec_rates",
+              "test_paper_rule_top1", "test_paper_rule_exec_rate", "test_paper_rule_mac_ratio",
+              "test_paper_rule_exec_rates", "loss")
+
+
+def run_summary(run_dir: Path) -> dict:
+    """What ``spnet_dist.compare`` reads of a finished run, from every evaluation record.
+
+    ``final_*``: the last record; ``bestval_*``: the record of the best validation top-1 (the
+    first of equals, as the trainer's ``best`` checkpoint); ``besttest_top1``: the best test top-1
+    over the records (optimistic: chosen on the reported split). The reported split is the test
+    split when the records have one (``test_*`` keys), else the validation split
+    (``reported_split`` says which). Path-stability lists are concatenated over the records.
+    """
+    records = RunDirectory(run_dir).read_metrics()
+    if not records:
+        raise RuntimeError(f"{RunDirectory(run_dir).metrics}: no evaluation record (the run did not finish)")
+    split = "test" if all("test_top1" in r for r in records) else "val"
+    pre = "test_" if split == "test" else ""
+    last = records[-1]
+    best = max(range(len(records)), key=lambda i: (records[i]["top1"], -i))
+    besttest = max(range(len(records)), key=lambda i: (records[i][f"{pre}top1"], -i))
+    out = {"reported_split": split,
+           "final_top1": last[f"{pre}top1"], "final_mac_ratio": last[f"{pre}mac_ratio"],
+           "final_exec_rate": last[f"{pre}exec_rate"],
+           "bestval_epoch": records[best].get("epoch"), "bestval_top1": records[best][f"{pre}top1"],
+           "bestval_mac_ratio": records[best][f"{pre}mac_ratio"], "bestval_exec_rate": records[best][f"{pre}exec_rate"],
+           "besttest_epoch": records[besttest].get("epoch"), "besttest_top1": records[besttest][f"{pre}top1"],
+           "epochs": [{k: r[k] for k in EPOCH_KEYS if k in r} for r in records]}
+    out |= {k: last[k] for k in FINAL_KEYS if k in last}
+    for key in ("path_flips", "path_flips_chance", "path_changed", "path_steps"):
+        out[key] = [v for r in records for v in (r.get(key) or [])]
+    return out
+
+
 def _move_aside(run_dir: Path) -> Optional[Path]:
     if not run_dir.exists():
         return None
@@ -232,7 +272,7 @@ def run_one(sweep: Sweep, variant: Variant, seed: int, threads: int, nice: int,
         raise RuntimeError(f"{variant.name} seed {seed} failed (exit {proc.returncode}), see {log_path}: {tail[0]}")
     return {"variant": variant.name, "method": variant.method, "seed": seed,
             "target_rate": variant.target_rate, "overrides_key": overrides_key(overrides),
-            "overrides": [*sweep.overrides, *variant.overrides], **final_metrics(run_dir),
+            "overrides": [*sweep.overrides, *variant.overrides], **final_metrics(run_dir), **run_summary(run_dir),
             "wall_s": round(wall, 1), "run_dir": str(run_dir)}
 
 

@@ -186,3 +186,172 @@ def test_cli_prints_the_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| spnet | 0.5 | final epoch | 2 | +0.67 | 1.31 | [-0.25, +1.60] |" in out  # 0.675 in binary: 0.67499...
     assert C.cli([str(path), "--baseline", "nobody"]) == 2
+
+
+# ----------------------------------------------------------------------------- (e) target adherence
+
+def test_target_table_by_hand():
+    records = [rec("a", 0.5, 0, 0.52, 80.0, final_exec_rate=0.51, exec_rate=0.500, test_paper_rule_exec_rate=0.62,
+                   calibration_converged=True),
+               rec("a", 0.5, 1, 0.55, 81.0, final_exec_rate=0.535, exec_rate=0.502, test_paper_rule_exec_rate=0.66,
+                   calibration_converged=False),
+               rec("a", 0.3, 0, 0.33, 78.0, final_exec_rate=0.27, exec_rate=0.3, calibration_converged=True)]
+    low, mid = C.target_table(records)
+    assert (mid.method, mid.target, mid.n) == ("a", 0.5, 2)
+    assert mid.exec_rate == pytest.approx(0.5225) and mid.exec_rate_sd == pytest.approx(statistics.stdev([0.51, 0.535]))
+    assert mid.val_exec_rate == pytest.approx(0.501) and mid.paper_rule_exec_rate == pytest.approx(0.64)
+    assert mid.max_deviation == pytest.approx(0.035) and mid.within is False  # one seed 0.035 off: the cell fails
+    assert mid.converged == 1
+    assert low.max_deviation == pytest.approx(0.03) and low.within is True  # exactly at the tolerance passes
+    assert low.paper_rule_exec_rate is None
+    (bare,) = C.target_table([rec("b", 0.5, 0, 0.5, 70.0)])  # records without the rates: dashes, no error
+    assert bare.exec_rate is None and bare.within is None
+
+
+# ----------------------------------------------------------------------------- (f) intervals and power
+
+def test_t_quantiles_and_half_width_by_hand():
+    assert C.t_quantile_975(1) == 12.706 and C.t_quantile_975(5) == 2.571 and C.t_quantile_975(30) == 2.042
+    assert C.t_quantile_975(60) == pytest.approx(2.000, abs=0.002)  # tables: 2.000
+    assert C.t_quantile_975(120) == pytest.approx(1.980, abs=0.002)
+    # values 1, 2, 3: sd 1, n 3, df 2 -> 4.303 / sqrt(3)
+    assert C.t_half_width([1.0, 2.0, 3.0]) == pytest.approx(4.303 / 3 ** 0.5)
+    assert C.t_half_width([1.0]) is None
+    with pytest.raises(C.CompareError, match="df >= 1"):
+        C.t_quantile_975(0)
+
+
+def test_seeds_for_half_width_by_hand():
+    # sd 2: n = 17 gives 2.120 * 2 / sqrt(17) = 1.028 > 1; n = 18 gives 2.110 * 2 / sqrt(18) = 0.995
+    assert C.seeds_for_half_width(2.0, 1.0) == 18
+    # sd 1: n = 6 gives 2.571 / sqrt(6) = 1.050; n = 7 gives 2.447 / sqrt(7) = 0.925
+    assert C.seeds_for_half_width(1.0, 1.0) == 7
+    assert C.seeds_for_half_width(0.0) == 2 and C.seeds_for_half_width(100.0, 0.01, limit=50) is None
+
+
+def test_accuracy_table_intervals():
+    _, a5, _ = C.accuracy_table(HAND, "final")[:3]  # spnet first: the records' order
+    assert (a5.method, a5.target, a5.n) == ("spnet", 0.5, 2)
+    assert a5.top1 == pytest.approx(84.5) and a5.top1_hw == pytest.approx(12.706 * statistics.stdev([84, 85]) / 2 ** 0.5)
+    assert a5.mac_ratio == pytest.approx(0.51)
+
+
+def test_power_at_a_target_and_at_a_mac_ratio_by_hand():
+    rows = {p.where: p for p in C.power_table(HAND, "base", (0.5,), "final", goal=1.0)}
+    # at t = 0.5, no interpolation: seed 0 84 - 85 = -1, seed 1 85 - 83 = +2
+    t5 = rows["t = 0.5"]
+    assert t5.n == 2 and t5.mean == pytest.approx(0.5) and t5.sd == pytest.approx(statistics.stdev([-1, 2]))
+    assert t5.half_width == pytest.approx(12.706 * t5.sd / 2 ** 0.5) and t5.within is False
+    assert t5.seeds_needed == C.seeds_for_half_width(t5.sd, 1.0)
+    # at MAC ratio 0.5 the interpolated differences of test_paired_difference_by_hand
+    m5 = rows["MAC ratio 0.5"]
+    assert m5.mean == pytest.approx(0.675) and m5.n == 2
+    assert set(rows) == {"MAC ratio 0.5", "t = 0.3", "t = 0.5", "t = 0.7"}
+
+
+# ----------------------------------------------------------------------------- (g) path files
+
+def _line(step, epoch, rows):
+    """A paths.jsonl line (training.paths format) from 0/1 rows (images x blocks)."""
+    blocks = len(rows[0])
+    return {"step": step, "epoch": epoch, "images": len(rows),
+            "exec_rates": [sum(r[b] for r in rows) / len(rows) for b in range(blocks)],
+            "paths": [sum(1 << b for b, v in enumerate(r) if v) for r in rows]}
+
+
+# 4 images x 2 blocks, 3 snapshots; rates away from 0.5 (at 0.5 the chance term is 0.5 whatever the other rate)
+S0 = [[1, 1], [1, 1], [1, 0], [0, 0]]   # rates (0.75, 0.5)
+S1 = [[1, 1], [1, 0], [1, 0], [1, 0]]   # (1.0, 0.25): image 1 flips block 1, image 3 block 0: 2 flips of 8
+S2 = [[1, 1], [1, 0], [0, 0], [1, 0]]   # (0.75, 0.25): image 2 flips block 0: 1 flip of 8
+PATH_LINES = [_line(0, 0, S0), _line(10, 0, S1), _line(20, 1, S2)]
+
+
+def test_path_history_by_hand():
+    h = C.path_history(PATH_LINES)
+    assert h.intervals == 2 and h.changes == (0, 1, 1, 1) and h.epochs == (0, 1)
+    assert h.flips == pytest.approx((2 / 8, 1 / 8))
+    # interval 1: p = (0.75, 0.5), q = (1, 0.25): c_0 = 0.75 * 0 + 0.25 * 1 = 0.25, c_1 = 0.5 * 0.75 + 0.5 * 0.25 = 0.5
+    # interval 2: p = (1, 0.25), q = (0.75, 0.25): c_0 = 1 * 0.25 = 0.25, c_1 = 0.25 * 0.75 + 0.75 * 0.25 = 0.375
+    assert h.flips_chance == pytest.approx((0.375, 0.3125))
+    # chance of a path change per image: 1 - 0.75 * 0.5 = 0.625, then 1 - 0.75 * 0.625 = 0.53125
+    assert h.chance_changes == pytest.approx(1.15625)
+    assert C.change_histogram(h.changes) == pytest.approx([0.25, 0.75, 0, 0, 0, 0])
+    assert C.change_histogram([0, 2, 4, 7, 12], ((0, 0), (1, 3), (4, None))) == pytest.approx([0.2, 0.2, 0.6])
+    assert C.path_history(PATH_LINES[:1]).intervals == 0
+    with pytest.raises(C.CompareError, match="step 10: 3 images x 2 blocks, the first has 4 x 2"):
+        C.path_history([PATH_LINES[0], _line(10, 0, S1[:3])])
+
+
+def test_path_history_agrees_with_the_trainers_metric():
+    torch = pytest.importorskip("torch")
+    from spnet_dist.training.paths import path_metrics
+    h = C.path_history(PATH_LINES)
+    for (a, b), flips, chance in zip(((S0, S1), (S1, S2)), h.flips, h.flips_chance):
+        m = path_metrics(torch.tensor(a), torch.tensor(b))
+        assert m["path_flips"] == pytest.approx(flips) and m["path_flips_chance"] == pytest.approx(chance)
+
+
+def _sweep_dir(tmp_path):
+    """A results.jsonl with sweep-layout run directories: baseline and spnet, 2 seeds, t = 0.5 only
+    for spnet seed 1 (a partial sweep)."""
+    out = tmp_path / "sweep"
+    records = []
+    for method, variant, seeds in (("baseline", "baseline_t0.5", (0, 1)), ("SP-Net", "spnet_t0.5", (0, 1))):
+        for seed in seeds:
+            top1 = 80.0 + seed + (1.5 if method == "SP-Net" else 0.0)
+            records.append(rec(method, 0.5, seed, 0.52, top1, variant=variant, final_exec_rate=0.5 + 0.01 * seed,
+                               exec_rate=0.5, test_paper_rule_exec_rate=0.6, calibration_converged=True,
+                               run_dir=f"nowhere/{variant}/seed{seed}"))
+            run = out / "runs" / variant / f"seed{seed}"
+            run.mkdir(parents=True)
+            lines = PATH_LINES if method == "SP-Net" else [PATH_LINES[0], _line(10, 0, S2), _line(20, 1, S0)]
+            (run / "paths.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    (out / "results.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return out
+
+
+def test_path_summaries_find_the_files_of_the_sweep_layout(tmp_path):
+    out = _sweep_dir(tmp_path)
+    base, spnet = C.path_summaries(C.load_records(out / "results.jsonl"), out)
+    assert spnet.runs == 2 and spnet.missing == 0 and spnet.intervals == 2
+    assert spnet.ratio == pytest.approx((3 / 8) / 0.6875)  # (2/8 + 1/8) / (0.375 + 0.3125), equal runs
+    assert spnet.changes_mean == pytest.approx(0.75) and spnet.chance_changes_mean == pytest.approx(1.15625)
+    assert [e for e, _, _ in spnet.by_epoch] == [0, 1]
+    assert [v for _, f, c in spnet.by_epoch for v in (f, c)] == pytest.approx([0.25, 0.375, 0.125, 0.3125])
+    # baseline: S0 -> S2 -> S0: images 1, 2, 3 change twice each (image 0 never)
+    assert base.changes_mean == pytest.approx(1.5) and base.histogram[2] == pytest.approx(0.75)
+    assert C.path_summaries(C.load_records(out / "results.jsonl"), tmp_path / "elsewhere")[0].missing == 2
+
+
+def test_cli_writes_the_full_report_and_labels_it_partial(tmp_path):
+    out = _sweep_dir(tmp_path)
+    report = tmp_path / "docs" / "report.md"
+    assert C.cli([str(out / "results.jsonl"), "--baseline", "baseline", "--out", str(report),
+                  "--expected-runs", "72", "--resamples", "200"]) == 0
+    text = report.read_text()
+    assert "**PARTIAL: 4 of 72 runs finished**" in text
+    assert "| SP-Net | 0.5 | 2 | 0.500 | 0.505 ± 0.007 | 0.010 | yes | 0.600 | 2/2 |" in text
+    # SP-Net - baseline at t = 0.5: +1.5 on both seeds (sd 0): within ±1 with 2 seeds
+    assert "- SP-Net − baseline at t = 0.5: +1.50 ± 0.00 points over 2 seeds (sd 0.00): within ±1" in text
+    assert "## Path stability" in text and "| SP-Net | 2 | 2 | 0.545 | 0.75 | 1.16 |" in text
+    assert "epoch 0" in text and "0.2500 / 0.3750" in text
+    assert C.cli([str(out / "results.jsonl"), "--baseline", "nobody", "--out", str(report)]) == 2
+    # before the first run finishes: a status-only report, not an error
+    (out / "empty.jsonl").write_text("")
+    assert C.cli([str(out / "empty.jsonl"), "--baseline", "baseline", "--out", str(report), "--expected-runs", "72"]) == 0
+    assert "**PARTIAL: 0 of 72 runs finished**" in report.read_text()
+
+
+def test_router_confidence_by_hand():
+    hist = [0] * 20
+    hist[5], hist[6], hist[13], hist[14] = 10, 30, 20, 40  # bins 6..13 are [0.3, 0.7): 50 of 100
+    calibrated = [0] * 20
+    calibrated[0], calibrated[10] = 90, 10
+    assert C.middle_share(hist) == pytest.approx(0.5) and C.middle_share([0] * 20) is None
+    assert C.middle_share([1, 2, 3, 4], 0.25, 0.75) == pytest.approx(0.5)
+    with pytest.raises(C.CompareError, match="edges of 4 bins"):
+        C.middle_share([1, 2, 3, 4], 0.3, 0.7)
+    records = [rec("a", 0.5, s, 0.5, 80.0, paper_rule_gate_prob_hist=hist, gate_prob_hist=calibrated) for s in (0, 1)]
+    (row,) = C.confidence_table(records)
+    assert row.n == 2 and row.paper_rule_middle == pytest.approx(0.5) and row.calibrated_middle == pytest.approx(0.1)
+    assert C.confidence_table([rec("b", 0.5, 0, 0.5, 80.0)])[0].paper_rule_middle is None

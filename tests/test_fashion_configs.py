@@ -56,3 +56,25 @@ def test_sweep_variants_are_the_config_files():
         a["run"].pop("out_dir"), b["run"].pop("out_dir")
         assert a == b, variant.name
     assert {v.target_rate for v in sweep.variants} == {0.3, 0.5, 0.7}
+
+
+def test_every_method_reads_the_same_training_batches(tmp_path):
+    # Seed pairing, data side: the order and augmentation come from run.seed alone, so the
+    # baseline and EXP-1/2/3 of one seed train on the same batches in the same order.
+    import torch
+
+    from spnet_dist.config import micro_batch_size
+    from spnet_dist.data import build_loaders
+
+    from .data.helpers import make_fashion_mnist
+
+    root = make_fashion_mnist(tmp_path / "fm", n_train=300, n_test=10)
+    first = {}
+    for name in ("baseline", "exp1", "exp2", "spnet"):
+        cfg = load(name, f"data.root={root}", "data.val_size=50", "data.train_subset=200", "run.seed=5")
+        train, _ = build_loaders(cfg.data, micro_batch_size(cfg, 1), 0, 1, cfg.run.seed)
+        train.set_epoch(1)
+        first[name] = [b for _, b in zip(range(2), train)]
+    for name in ("exp1", "exp2", "spnet"):
+        for (xa, ya), (xb, yb) in zip(first[name], first["baseline"]):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb), name

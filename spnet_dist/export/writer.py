@@ -4,9 +4,12 @@ Reads one checkpoint of a run directory through :mod:`spnet_dist.checkpoint`: th
 and validator (every file checked against the checkpoint's SHA-256 marker, every rank's part
 present: a swapped or half-synced file is refused by name, nothing is written), then the
 student's weights consolidated from DeepSpeed's files or the teacher's safetensors file.
-``RUN/config.yaml`` gives the architecture and preprocessing, the last record of
-``RUN/metrics.jsonl`` the measured execution rates and MACs. The export itself is
-safetensors + JSON: loading it never unpickles.
+``RUN/config.yaml`` gives the architecture and preprocessing, the evaluation record of
+``RUN/metrics.jsonl`` made at the checkpoint's step (else the last one) the measured execution
+rates and MACs. The routers' calibrated evaluation threshold of that record (``gate_threshold``,
+``model.gate_calibration``) is baked into their biases (``fc2.bias[0] += d``), so the exported
+network decides by the plain rule logit1 > logit0 exactly as the evaluated one did. The export
+itself is safetensors + JSON: loading it never unpickles.
 
 Written atomically: everything goes to a temporary sibling directory that is renamed to OUT
 at the end, so OUT holds a complete export or nothing new.
@@ -46,7 +49,10 @@ _VERSIONED = ("torch", "torchvision", "timm", "safetensors", "deepspeed", "spnet
 def _class_names(cfg: Config) -> Optional[list[str]]:
     # The class folders of an ImageNet-layout root give the label order the trainer used.
     from ..data import DEFAULT_DIGITS_ROOT
+    from ..data.fashion_mnist import CLASSES as FASHION_CLASSES
 
+    if cfg.data.format == "fashion_mnist":
+        return list(FASHION_CLASSES)  # the label order of the idx files
     if cfg.data.format == "cifar":
         return None
     root = Path(cfg.data.root or (DEFAULT_DIGITS_ROOT if cfg.data.format == "digits" else "")).expanduser()
@@ -78,14 +84,18 @@ def training_model(cfg: Config) -> GatedResNet:
     return build_model(arch)
 
 
-def inference_state(cfg: Config, state: dict[str, torch.Tensor], source: Path) -> tuple[GatedResNet, dict]:
-    """Load ``state`` strictly into the training network, then drop the training-only parts.
+def inference_state(cfg: Config, state: dict[str, torch.Tensor], source: Path,
+                    gate_threshold: float = 0.0) -> tuple[GatedResNet, dict]:
+    """Load ``state`` strictly into the training network, then drop the training-only parts and
+    bake ``gate_threshold`` into the routers' biases.
 
     A checkpoint of another architecture fails here, naming ``source``.
     """
     model = training_model(cfg)
     load_state_strict(model, state, source)
     slim = model.inference_copy().eval()
+    slim.set_gate_threshold(gate_threshold)
+    slim.bake_gate_threshold()
     return slim, {k: v.detach().cpu().contiguous() for k, v in slim.state_dict().items()}
 
 
@@ -101,8 +111,20 @@ def static_state(name: str, slim: GatedResNet, num_classes: int) -> dict[str, to
     return state
 
 
+def record_of(run_dir: Path, ckpt: Optional[Path]) -> Optional[dict[str, Any]]:
+    """The evaluation record made at the checkpoint's step (an epoch-end checkpoint has one), else the
+    last record (a mid-epoch checkpoint), else None."""
+    from ..checkpoint.layout import step_of
+
+    records = RunDirectory(run_dir).read_metrics()
+    step = step_of(Path(ckpt).resolve().name) if ckpt is not None else None
+    at_step = [r for r in records if step is not None and r.get("step") == step]
+    return at_step[-1] if at_step else (records[-1] if records else None)
+
+
 def export_config(cfg: Config, slim: GatedResNet, weights: str = "student", static: bool = False,
-                  run_dir: Optional[Path] = None, ckpt: Optional[Path] = None) -> dict:
+                  run_dir: Optional[Path] = None, ckpt: Optional[Path] = None,
+                  gate_threshold: float = 0.0) -> dict:
     """The ``config.json`` of an export.
 
     Args:
@@ -110,22 +132,26 @@ def export_config(cfg: Config, slim: GatedResNet, weights: str = "student", stat
         slim: the inference network (for its MAC profile).
         weights: "student" or "teacher".
         static: whether the weights are a torchvision state dict.
-        run_dir: the run directory (its last metrics record is copied); None: not from a run.
+        run_dir: the run directory (its record at the checkpoint's step, else its last, is copied);
+            None: not from a run.
         ckpt: the checkpoint directory exported.
+        gate_threshold: the evaluation threshold baked into the routers' biases (recorded).
     """
-    from ..data.transforms import CIFAR_MEAN, CIFAR_STD, HALF, IMAGENET_MEAN, IMAGENET_STD, resolve_augment
+    from ..data.transforms import NORMALISATION, resolve_augment
     from ..flops import profile_macs
 
     recipe = resolve_augment(cfg.data.augment, cfg.data.format)
-    mean, std = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar": (CIFAR_MEAN, CIFAR_STD)}.get(recipe, (HALF, HALF))
+    mean, std = NORMALISATION[recipe]  # the one table the recipes normalise with
     size = cfg.data.image_size
     profile = profile_macs(slim, (size, size))
-    record = RunDirectory(run_dir).last_metrics() if run_dir is not None else None
+    record = record_of(run_dir, ckpt) if run_dir is not None else None
     measured = None
     if record is not None:
         measured = {k: record.get(k) for k in ("epoch", "step", "top1", "gmacs", "gmacs_paper", "static_gmacs",
-                                               "mac_ratio", "exec_rate", "exec_rates", "images")}
-        measured["source"] = f"last record of {RunDirectory.METRICS} (evaluation of the student, closed blocks skipped)"
+                                               "mac_ratio", "exec_rate", "exec_rates", "images", "test_top1",
+                                               "test_mac_ratio", "test_exec_rate")}
+        measured["source"] = (f"record of {RunDirectory.METRICS} at the checkpoint's step, else the last "
+                              "(evaluation of the student, closed blocks skipped; unprefixed keys: validation split)")
     return {
         "format": EXPORT_FORMAT,
         "static": static,
@@ -161,6 +187,7 @@ def export_config(cfg: Config, slim: GatedResNet, weights: str = "student", stat
             "router": list(profile.router),
         },
         "measured": measured,
+        "gate_threshold_baked": gate_threshold,
         "source": {"run": str(run_dir.resolve()) if run_dir else None,
                    "checkpoint": ckpt.name if ckpt else None,
                    "checkpoint_path": str(ckpt.resolve()) if ckpt else None},
@@ -253,11 +280,18 @@ def export(run_dir: str | Path, out: str | Path, tag: str = "final", weights: st
             state = student_weights(ckpt)
     except CheckpointError as err:
         raise ExportError(str(err)) from None
-    slim, slim_state = inference_state(cfg, state, source)
+    try:
+        record = record_of(run_dir, ckpt)
+    except MetricsError as err:
+        raise ExportError(str(err)) from None
+    # The threshold the student was evaluated with at this checkpoint (model selection and the
+    # reported rates); it was calibrated for the student, so the teacher keeps the paper's rule.
+    threshold = float((record or {}).get("gate_threshold") or 0.0) if weights == "student" else 0.0
+    slim, slim_state = inference_state(cfg, state, source, threshold)
     if static:
         slim_state = static_state(cfg.model.name, slim, cfg.model.num_classes)
     try:
-        config = export_config(cfg, slim, weights, static, run_dir, ckpt)
+        config = export_config(cfg, slim, weights, static, run_dir, ckpt, threshold)
     except MetricsError as err:
         raise ExportError(str(err)) from None
     files: dict[str, Any] = {WEIGHTS_FILE: slim_state, CONFIG_FILE: config}
@@ -282,8 +316,10 @@ def export_module(model: GatedResNet, cfg: Config, out: str | Path) -> Path:
     out = Path(out)
     check_out(out)
     slim = model.inference_copy().eval()
+    threshold = slim.gate_threshold
+    slim.bake_gate_threshold()  # the calibrated rule the model evaluates with, as plain biases
     state = {k: v.detach().cpu().contiguous() for k, v in slim.state_dict().items()}
-    write_atomically(out, {WEIGHTS_FILE: state, CONFIG_FILE: export_config(cfg, slim)})
+    write_atomically(out, {WEIGHTS_FILE: state, CONFIG_FILE: export_config(cfg, slim, gate_threshold=threshold)})
     return out
 
 

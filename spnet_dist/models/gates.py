@@ -6,7 +6,11 @@ global-average-pool of the block input -> Linear(C, 128) -> BN1d -> ReLU -> Drop
 
 * Training: Gumbel-softmax with temperature tau and hard straight-through, so the forward value
   is exactly 0 or 1 while the gradient is that of the soft sample (paper §3.1, official code).
-* Inference: no noise; execute iff logit1 > logit0. Deterministic, works at batch size 1.
+* Inference: no noise; execute iff logit1 - logit0 > threshold. Deterministic, works at batch
+  size 1. ``threshold`` is 0 (the paper's rule, logit1 > logit0) unless an evaluation calibrated
+  it (``spnet_dist.evaluate.calibrate_threshold``: one offset shared by all blocks so that the
+  evaluated execution rate meets the target); training never reads it, and an export adds it to
+  ``fc2.bias[0]`` (:meth:`Router.bake_threshold`), so exported models keep the plain rule.
 """
 from __future__ import annotations
 
@@ -90,6 +94,9 @@ class Router(nn.Module):
         # None: learned decisions; True / False force every sample open / closed (tests, MAC
         # measurement, the "all blocks open == static ResNet" check).
         self.force: Optional[bool] = None
+        # Evaluation only: execute iff logit1 - logit0 > threshold. A plain attribute, not a
+        # buffer: checkpoints and exports keep their keys; an export bakes it into fc2.bias.
+        self.threshold: float = 0.0
 
     def forward(self, x: Tensor) -> GateOutput:
         """The verdict on block input ``x`` (B, C, H, W)."""
@@ -108,9 +115,23 @@ class Router(nn.Module):
             decision = torch.full_like(prob, 1.0 if self.force else 0.0)
         elif self.training:
             decision = self._straight_through(logits)[:, 1]
-        else:
+        elif self.threshold == 0.0:
             decision = (logits[:, 1] > logits[:, 0]).to(logits.dtype)
+        else:
+            decision = (logits[:, 1] - logits[:, 0] > self.threshold).to(logits.dtype)
         return GateOutput(logits=logits, prob=prob, decision=decision)
+
+    @torch.no_grad()
+    def bake_threshold(self) -> None:
+        """Move ``threshold`` into ``fc2.bias[0]`` (the skip logit) and reset it to 0.
+
+        logit1 - (logit0 + d) > 0 is logit1 - logit0 > d, so the plain rule on the new bias
+        decides as the threshold did (up to the rounding of one fp32 addition). Only for an
+        exported (inference) copy: the training-mode probabilities change with the bias.
+        """
+        if self.threshold != 0.0:
+            self.fc2.bias[0] += self.threshold
+            self.threshold = 0.0
 
     def _straight_through(self, logits: Tensor) -> Tensor:
         if self.noise:

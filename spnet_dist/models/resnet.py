@@ -131,15 +131,20 @@ class GatedResNet(nn.Module):
         self.block_stage = tuple(block_stage)
         self.num_features = feature_dim = stage_widths[-1]  # D, timm's name for the head width
         self.fc = nn.Linear(feature_dim, num_classes)
-        self.aux_heads = (
-            nn.ModuleList(StageHead(w, feature_dim, num_classes) for w in stage_widths[:-1]) if aux_heads else None
-        )
-        self.block_aligners = (
-            nn.ModuleList(nn.Identity() if w == feature_dim else nn.Linear(w, feature_dim) for w in stage_widths)
-            if block_align
-            else None
-        )
+        # The training-only heads are built AFTER the shared parts are initialised: building a
+        # Linear draws from the global RNG, so heads built before _init_weights would shift the
+        # convolutions' draws, and the same run.seed would start SP-Net and its baseline (no heads)
+        # from different backbones. Built here, every shared parameter is bit-identical across
+        # methods (tests/models/test_resnet_heads.py) and its distribution is unchanged; the
+        # heads hold no Conv2d / BatchNorm, so _init_weights would not have touched them.
+        self.aux_heads: Optional[nn.ModuleList] = None
+        self.block_aligners: Optional[nn.ModuleList] = None
         self._init_weights()
+        if aux_heads:
+            self.aux_heads = nn.ModuleList(StageHead(w, feature_dim, num_classes) for w in stage_widths[:-1])
+        if block_align:
+            self.block_aligners = nn.ModuleList(
+                nn.Identity() if w == feature_dim else nn.Linear(w, feature_dim) for w in stage_widths)
 
     # ---------------------------------------------------------------- construction helpers
     def _stem(self, in_chans: int, stem_channels: int) -> None:
@@ -174,6 +179,24 @@ class GatedResNet(nn.Module):
         """Force every gate open (True), closed (False), or back to the routers (None)."""
         for block in self.gated_blocks():
             block.router.force = value
+
+    def set_gate_threshold(self, threshold: float) -> None:
+        """Evaluation rule of every router: execute iff logit1 - logit0 > ``threshold`` (0: the paper's)."""
+        for block in self.gated_blocks():
+            block.router.threshold = float(threshold)
+
+    @property
+    def gate_threshold(self) -> float:
+        """The routers' shared evaluation threshold (see :meth:`set_gate_threshold`)."""
+        values = {block.router.threshold for block in self.gated_blocks()}
+        if len(values) != 1:
+            raise ValueError(f"the routers hold different thresholds {sorted(values)}; set one with set_gate_threshold")
+        return values.pop()
+
+    def bake_gate_threshold(self) -> None:
+        """Move the evaluation threshold into every router's bias (inference copies only, see Router.bake_threshold)."""
+        for block in self.gated_blocks():
+            block.router.bake_threshold()
 
     # ---------------------------------------------------------------- forward
     def check_input(self, x: Tensor) -> None:

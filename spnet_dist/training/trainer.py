@@ -21,21 +21,25 @@ from .. import distributed as D
 from ..checkpoint import (CheckpointError, RankState, ResumeMismatch, Snapshot, TeacherState, TrainState,
                           capture_rng, load_snapshot, point_alias, restore_rng, save_snapshot, step_tag)
 from ..config import LR_BASE_BATCH, Config, config_warnings, micro_batch_size, parse_args, to_dict
-from ..data import build_loaders
+from ..data import build_loaders, build_test_loader
 from ..engine import learning_rate
-from ..evaluate import evaluate
+from ..evaluate import evaluate, evaluate_calibrated
 from ..flops import profile_macs
 from ..models.from_config import build_model
 from ..run_dir import RunDirectory
 from .epoch import EpochAccumulator, IntervalMeter
+from .paths import PathProbe, resolve_snapshot_every
 from .planning import plan_run_directory
 from .reproducibility import seed_everything, set_deterministic
 from .run_log import RunLogger, results_table
 from .signals import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED, Preempted, StopCheck, StopSignals,
                       TrainingDiverged)
-from .step import SPNetStep
+from .step import SPNetStep, resolve_teacher_execution
 
-__all__ = ["Trainer", "main", "cli"]
+__all__ = ["Trainer", "main", "cli", "TEST_KEYS"]
+
+# The figures of the test split copied into each evaluation record as test_<key>.
+TEST_KEYS = ("top1", "gmacs", "mac_ratio", "exec_rate", "exec_rates", "images", "gate_threshold")
 
 
 class Trainer:
@@ -87,6 +91,9 @@ class Trainer:
             cfg.run.seed, device=self.device, channels_last=getattr(cfg.engine, "channels_last", False),
             listing_path=self.run_dir.data_files,
         )
+        # The held-out test split of the formats that have one (fashion_mnist): evaluated next to
+        # the validation split at every evaluation; model selection never reads it.
+        self.test_loader = build_test_loader(cfg.data, self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.train_loader) // cfg.engine.grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
@@ -107,6 +114,17 @@ class Trainer:
         self.mac_profile = profile_macs(self.model, (cfg.data.image_size, cfg.data.image_size))
         # Gumbel noise and dropout differ per rank (different samples anyway), reproducibly.
         seed_everything(cfg.run.seed + 1000 * (self.dist.rank + 1))
+        # The evaluation threshold is calibrated to the cost loss's target (model.gate_calibration).
+        self.calibration_target = (cfg.loss.target_rate if cfg.model.gate_calibration == "target"
+                                   and cfg.loss.cost_weight > 0 and cfg.loss.target_rate is not None else None)
+        # Path snapshots of a fixed probe set (training.paths); eval-mode forwards draw no random
+        # numbers, so a run with snapshots trains exactly as one without.
+        self.paths: Optional[PathProbe] = None
+        if cfg.run.path_probe_size > 0:
+            self.paths = PathProbe(self.val_loader, cfg.run.path_probe_size,
+                                   resolve_snapshot_every(cfg.run.path_snapshot_every, self.steps_per_epoch),
+                                   self.run_dir, self.device, self.dist.rank, self.dist.world_size,
+                                   self.dist.is_main, resolve_teacher_execution("auto", self.device))
 
         # ============ the loop's state: counters, epoch sums, stop agreement ============
         self.state = TrainState()
@@ -115,6 +133,9 @@ class Trainer:
         self.last_tag: Optional[str] = None  # the newest checkpoint this run has (for `final`)
         if self.plan.checkpoint is not None:
             self._restore(self.plan.checkpoint)
+            if self.paths is not None:
+                last = self.run_dir.last_metrics()
+                self.paths.resume(self.state.step, None if last is None else last.get("step"))
 
     # ------------------------------------------------------------------ fit
     def fit(self) -> dict[str, Any]:
@@ -122,6 +143,8 @@ class Trainer:
         cfg, record = self.cfg, {}
         self.log.print(self._describe())
         try:
+            if self.paths is not None and self.state.step == 0 and self.paths.last_step is None:
+                self.paths.snapshot(self.model, 0, self.state.epoch)  # the paths before the first step
             for epoch in range(self.state.epoch, cfg.schedule.epochs):
                 if self._done():
                     break
@@ -194,6 +217,8 @@ class Trainer:
                 speed = meter.report(time.perf_counter(), self.dist.world_size,
                                      self._steps_left()) if log_now else None
                 self.log.step(self.state.step, epoch, shown, self.scheduler.get_last_lr()[0], log_now, speed)
+                if self.paths is not None and self.paths.due(self.state.step):
+                    self.paths.snapshot(self.model, self.state.step, epoch)  # before a checkpoint of this step
                 self._maybe_checkpoint(last_of_epoch=self.state.batch_in_epoch >= limit)
         # The loop stops at `limit` without exhausting the loader: free its reader now (DALI: the
         # pipeline's pinned and GPU memory), or it lives on beside the evaluation's own pipeline.
@@ -211,9 +236,29 @@ class Trainer:
         return self.cfg.run.max_steps is not None and self.state.step >= self.cfg.run.max_steps
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        """The validation split (unprefixed keys: model selection reads them) and, when the data set
+        has one, the test split (``test_*``) under the same rule.
+
+        With a calibration target the routers' threshold is first calibrated on the validation
+        split (``evaluate_calibrated``; the paper's rule's figures kept as ``paper_rule_*``); the
+        test split is evaluated at that threshold, and at the ``final`` evaluation also by the
+        paper's rule (``test_paper_rule_*``).
+        """
         # BN buffers are already identical across ranks: averaged after every optimizer step.
-        return evaluate(self.model, self.val_loader, self.mac_profile, self.device, self.step_fn.autocast)
+        args = (self.mac_profile, self.device)
+        if self.calibration_target is None:
+            record = evaluate(self.model, self.val_loader, *args, self.step_fn.autocast, threshold=0.0)
+        else:
+            record = evaluate_calibrated(self.model, self.val_loader, *args, self.calibration_target,
+                                         self.step_fn.autocast)
+        if self.test_loader is not None:
+            test = evaluate(self.model, self.test_loader, *args, self.step_fn.autocast)  # the threshold just set
+            record |= {f"test_{k}": test[k] for k in TEST_KEYS}
+            if final and self.calibration_target is not None:
+                paper = evaluate(self.model, self.test_loader, *args, self.step_fn.autocast, threshold=0.0)
+                record |= {f"test_paper_rule_{k}": paper[k] for k in TEST_KEYS}
+        return record
 
     def _evaluation_due(self) -> bool:
         last = self.state.epoch == self.cfg.schedule.epochs or self._done()
@@ -221,17 +266,22 @@ class Trainer:
 
     def _evaluate_epoch(self, train_means: dict[str, float]) -> dict[str, Any]:
         """Evaluate, append the record to the run's metrics and print it; returns the record."""
-        record = {"epoch": self.state.epoch, "step": self.state.step, **self.evaluate(),
+        final = self.state.epoch == self.cfg.schedule.epochs or self._done()
+        record = {"epoch": self.state.epoch, "step": self.state.step, **self.evaluate(final),
                   "loss": {k: v for k, v in train_means.items() if k != "images_per_sec"},
                   "images_per_sec": train_means["images_per_sec"], "lr": self.scheduler.get_last_lr()[0],
                   # what BatchNorm normalised over since the last record (a requeue may change it)
                   "micro_batch": self.micro_batch, "world_size": self.dist.world_size}
+        if self.paths is not None:
+            record |= self.paths.take_intervals()
         self.log.metrics(record)
+        test = (f"; test top-1 {record['test_top1']:.2f} % at {record['test_mac_ratio']:.3f}, exec rate "
+                f"{record['test_exec_rate']:.3f}" if "test_top1" in record else "")
         self.log.print(
-            f"epoch {record['epoch']} step {record['step']}: top-1 {record['top1']:.2f} %, "
+            f"epoch {record['epoch']} step {record['step']}: val top-1 {record['top1']:.2f} %, "
             f"{record['gmacs']:.4f} GMACs ({record['mac_ratio']:.3f} of static), "
-            f"exec rate {record['exec_rate']:.3f}, loss {train_means.get('total', math.nan):.4f}, "
-            f"{train_means['images_per_sec']:.0f} img/s"
+            f"exec rate {record['exec_rate']:.3f} (threshold {record['gate_threshold']:+.3f}){test}, "
+            f"loss {train_means.get('total', math.nan):.4f}, {train_means['images_per_sec']:.0f} img/s"
         )
         return record
 

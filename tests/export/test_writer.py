@@ -235,3 +235,40 @@ def test_export_reads_metrics_by_the_run_directorys_rule(two_checkpoints, tmp_pa
     line = _error_line(_export_cli("--run", run, "--out", tmp_path / "middle"))
     assert f"{metrics}:1: not a JSON record" in line, line
     assert not (tmp_path / "middle").exists()
+
+
+def test_a_fashion_mnist_run_exports_its_classes_normalisation_and_calibrated_threshold(own_process_group, tmp_path):
+    # Issue 20: a fashion_mnist run exports the idx files' class names and the recipe's own
+    # normalisation (not the 0.5/0.5 that a fallback would give), and bakes the threshold calibrated
+    # at the exported checkpoint: the plain rule of the export decides as the evaluation did.
+    from spnet_dist.config import load_config
+    from spnet_dist.data import build_test_loader
+    from spnet_dist.data.fashion_mnist import CLASSES
+    from spnet_dist.data.transforms import FASHION_MEAN, FASHION_STD
+    from spnet_dist.evaluate import evaluate
+    from spnet_dist.flops import profile_macs
+    from spnet_dist.training import Trainer
+
+    from ..data.helpers import make_fashion_mnist
+
+    root = make_fashion_mnist(tmp_path / "fm", n_train=80, n_test=40)
+    run = tmp_path / "run"
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "fashion" / "spnet.yaml", [
+        f"data.root={root}", f"run.out_dir={run}", "data.image_size=8", "data.val_size=20", "data.train_subset=null",
+        "data.eval_batch_size=20", "engine.global_batch_size=20", "schedule.epochs=1", "schedule.warmup_epochs=0",
+        "run.max_steps=2", "run.progress=log", "run.path_probe_size=0", "loss.target_rate=0.5"])
+    Trainer(cfg).fit()
+    record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["gate_threshold"] != 0.0  # calibrated (a random network does not sit at 0.5 by chance)
+    out = export.export(run, tmp_path / "export")
+    config = json.loads((out / "config.json").read_text())
+    assert config["classes"] == list(CLASSES) and config["classes"][0] == "T-shirt/top"
+    pre = config["preprocessing"]
+    assert pre["recipe"] == "fashion_mnist" and pre["image_size"] == 8
+    assert pre["mean"] == list(FASHION_MEAN) and pre["std"] == list(FASHION_STD)
+    assert config["gate_threshold_baked"] == pytest.approx(record["gate_threshold"])
+    assert config["measured"]["test_exec_rate"] == record["test_exec_rate"]
+    model = load_model(out)
+    assert model.gate_threshold == 0.0  # the threshold lives in the biases now
+    test = evaluate(model, build_test_loader(cfg.data), profile_macs(model, (8, 8)), torch.device("cpu"))
+    assert test["exec_rates"] == record["test_exec_rates"] and test["top1"] == record["test_top1"]

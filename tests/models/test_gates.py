@@ -157,3 +157,50 @@ def test_bf16_autocast_does_not_change_router_decisions():
     assert torch.equal(bf16.logits, fp32.logits)
     assert torch.equal(bf16.decision, fp32.decision)
     assert 0 < fp32.decision.sum() < len(x)  # a real mix of decisions, not all one way
+
+
+# --------------------------------------------------------------------------------------------
+# The calibrated evaluation threshold (issue 20): eval only, baked into the bias for export.
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("gap, threshold, expected", [(1.0, 0.5, 1.0), (1.0, 1.0, 0.0), (1.0, 1.5, 0.0),
+                                                       (-1.0, -1.5, 1.0), (-1.0, -0.5, 0.0)],
+                         ids=["above", "tie-skips", "below", "negative-above", "negative-below"])
+def test_eval_executes_iff_the_logit_gap_exceeds_the_threshold(gap, threshold, expected):
+    router = router_with_logits((0.0, gap)).eval()
+    router.threshold = threshold
+    gate = router(torch.randn(3, 8, 2, 2))
+    assert torch.equal(gate.decision, torch.full((3,), expected))
+    # the probability stays the router's (the threshold is a rule, not a change of the network)
+    torch.testing.assert_close(gate.prob, torch.full((3,), 1.0 / (1.0 + math.exp(-gap))))
+
+
+def test_the_threshold_never_touches_training():
+    torch.manual_seed(0)
+    router = Router(8).train()
+    x = torch.randn(16, 8, 3, 3)
+    torch.manual_seed(1)
+    plain = router(x)
+    router.threshold = 5.0  # would close every block in eval mode
+    torch.manual_seed(1)
+    shifted = router(x)
+    assert torch.equal(plain.decision, shifted.decision) and torch.equal(plain.logits, shifted.logits)
+
+
+def test_baking_moves_the_threshold_into_the_skip_bias():
+    torch.manual_seed(0)
+    router = Router(8).eval()
+    x = torch.randn(400, 8, 3, 3)
+    with torch.no_grad():
+        gaps = router(x).logits.diff(dim=1).squeeze(1)
+    router.threshold = float(gaps.median())  # half the samples on either side
+    with torch.no_grad():
+        calibrated = router(x).decision
+    assert 0.4 < calibrated.mean().item() < 0.6
+    bias0 = router.fc2.bias[0].item()
+    router.bake_threshold()
+    assert router.threshold == 0.0 and router.fc2.bias[0].item() == pytest.approx(bias0 + float(gaps.median()))
+    with torch.no_grad():
+        baked = router(x).decision
+    # the same decisions up to the rounding of one fp32 addition: only near-ties may differ
+    near_tie = (gaps - float(gaps.median())).abs() < 1e-5
+    assert torch.equal(baked[~near_tie], calibrated[~near_tie])
