@@ -12,7 +12,6 @@ the trainer's final evaluation of the same weights). Writes ``report.json``,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -24,9 +23,11 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
+from ..config import Config
 from ..data import build_eval_loader
 from ..data.folder import ImageFolderDataset
 from ..data.transforms import build_transform
+from ..device_profile import resolve_device_profile
 from ..evaluate import evaluate
 from ..flops import paper_units, profile_macs
 from .inference import ExportError, load_model, read_export_config
@@ -34,7 +35,6 @@ from .inference import ExportError, load_model, read_export_config
 REPORT_FILE = "report.json"
 RATES_PNG = "exec_rates.png"
 MACS_PNG = "macs_hist.png"
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def open_folder(data: Path, config: dict[str, Any]) -> ImageFolderDataset:
@@ -86,12 +86,15 @@ def run_eval(model_dir: Path, data: Path, batch_size: int, device: torch.device,
     if config.get("static"):
         raise ExportError(f"{model_dir}: a --static export has no routers; evaluate the SP-Net export")
     dataset = open_folder(data, config)
-    model = load_model(model_dir, device=device, execution="skip")
+    # The trainer's resolver for this process's device: autocast dtype and skip strategy. Only the
+    # run's precision carries over; the training-only fields (sync_bn, NCCL, ...) do not apply here.
+    settings = Config()
+    settings.engine.precision = precision = precision or config["preprocessing"].get("precision", "fp32")
+    device_profile = resolve_device_profile(settings, device)
+    model = load_model(model_dir, device=device, execution="skip", skip_strategy=device_profile.eval_skip_strategy)
     size = config["preprocessing"]["image_size"]
     profile = profile_macs(model, (size, size))
-    precision = precision or config["preprocessing"].get("precision", "fp32")
-    autocast = (torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
-                if precision in _AUTOCAST else contextlib.nullcontext())
+    autocast = device_profile.autocast()
     loader = build_eval_loader(dataset, batch_size, D.get_rank(), D.get_world_size())
 
     per_image: list[float] = []

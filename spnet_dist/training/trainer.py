@@ -20,8 +20,9 @@ import torch
 from .. import distributed as D
 from ..checkpoint import (CheckpointError, RankState, ResumeMismatch, Snapshot, TeacherState, TrainState,
                           capture_rng, load_snapshot, point_alias, restore_rng, save_snapshot, step_tag)
-from ..config import Config, micro_batch_size, parse_args, to_dict
+from ..config import Config, ConfigError, micro_batch_size, parse_args, to_dict
 from ..data import build_loaders
+from ..device_profile import resolve_device_profile
 from ..evaluate import evaluate
 from ..flops import profile_macs
 from ..models.from_config import build_model
@@ -54,23 +55,34 @@ class Trainer:
 
     def _set_up(self) -> None:
         cfg = self.cfg
+        # ============ device profile: every device-dependent setting, answered once ============
+        # Before any process group or file: a setting this device cannot run (model.sync_bn or
+        # NCCL without CUDA, ...) is a one-line ConfigError here. Every consumer reads self.profile.
+        self.profile = resolve_device_profile(cfg)
+
         # ============ distributed ============
         # A collective that waits longer than engine.timeout_min (a rank died or hangs) raises,
         # so the job ends and can be requeued instead of holding its nodes until the time limit.
-        self.dist = D.init_distributed(cfg.engine.backend, timeout=timedelta(minutes=cfg.engine.timeout_min))
+        self.dist = D.init_distributed(self.profile.backend_now, timeout=timedelta(minutes=cfg.engine.timeout_min))
         self.device = self.dist.device
+        if self.device.type != self.profile.compute:  # both follow torch.cuda.is_available()
+            raise RuntimeError(f"the device profile was resolved for {self.profile.compute}, the rank runs on {self.device}")
 
         # ============ run directory: a fresh run, or resume (rank 0 decides, every rank obeys) ============
         self.run_dir = RunDirectory(cfg.run.out_dir)
-        self.plan = plan_run_directory(cfg, self.run_dir, self.dist.is_main)
+        try:
+            self.plan = plan_run_directory(cfg, self.run_dir, self.dist.is_main)
+        except FileExistsError as err:  # run.resume=never on a directory that holds a run (every rank)
+            raise ConfigError(str(err), "run.resume") from None
         self.log = RunLogger(self.run_dir, self.dist.is_main, cfg.run.progress, cfg.run.tensorboard,
                              purge_step=self.plan.restart_step)
 
         # ============ data: rank 0 prepares and scans, the others read its file list ============
         self.train_loader, self.val_loader = build_loaders(
             cfg.data, micro_batch_size(cfg, self.dist.world_size), self.dist.rank, self.dist.world_size,
-            cfg.run.seed, device=self.device, channels_last=getattr(cfg.engine, "channels_last", False),
-            listing_path=self.run_dir.data_files,
+            cfg.run.seed, device=self.device, channels_last=self.profile.channels_last,
+            listing_path=self.run_dir.data_files, pin_memory=self.profile.pin_memory_now,
+            dali_device=self.profile.dali_device_now,
         )
         self.steps_per_epoch = len(self.train_loader) // cfg.engine.grad_accum
         if self.steps_per_epoch == 0:
@@ -82,11 +94,10 @@ class Trainer:
         # ============ model, engine, teacher, criterion ============
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg)
-        if cfg.model.sync_bn:
-            if self.device.type != "cuda":
-                raise ValueError("model.sync_bn: SyncBatchNorm needs CUDA devices; set it to false on CPU")
+        if self.profile.sync_bn_now:  # refused without CUDA by the profile; not emulated on a CPU
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.step_fn = SPNetStep(cfg, model.to(self.device), self.device, self.dist.world_size, self.steps_per_epoch)
+        self.step_fn = SPNetStep(cfg, model.to(self.device), self.device, self.dist.world_size, self.steps_per_epoch,
+                                 profile=self.profile)
         self.model = self.step_fn.model
         self.engine, self.teacher, self.scheduler = self.step_fn.engine, self.step_fn.teacher, self.step_fn.scheduler
         self.mac_profile = profile_macs(self.model, (cfg.data.image_size, cfg.data.image_size))
@@ -194,7 +205,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict[str, Any]:
         # BN buffers are already identical across ranks: averaged after every optimizer step.
-        return evaluate(self.model, self.val_loader, self.mac_profile, self.device, self.step_fn.autocast)
+        return evaluate(self.model, self.val_loader, self.mac_profile, self.device, self.step_fn.autocast,
+                        skip_strategy=self.profile.eval_skip_strategy)
 
     def _evaluation_due(self) -> bool:
         last = self.state.epoch == self.cfg.schedule.epochs or self._done()
@@ -313,7 +325,8 @@ class Trainer:
         cfg = self.cfg
         return (f"SP-Net {cfg.model.name}: {self.model.num_blocks} gated blocks, world size {self.dist.world_size}, "
                 f"micro-batch {micro_batch_size(cfg, self.dist.world_size)} x accumulation {cfg.engine.grad_accum}, "
-                f"{self.steps_per_epoch} optimizer steps/epoch, static {self.mac_profile.static() / 1e9:.4f} GMACs")
+                f"{self.steps_per_epoch} optimizer steps/epoch, static {self.mac_profile.static() / 1e9:.4f} GMACs\n"
+                f"{self.profile.describe()}")
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -335,7 +348,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv, description="Train an SP-Net dynamic-inference ResNet (DeepSpeed, CPU or GPU).")
     try:
         main(cfg)
-    except (ResumeMismatch, CheckpointError) as err:
+    except (ConfigError, ResumeMismatch, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_CONFIG) from None
     except TrainingDiverged as err:
