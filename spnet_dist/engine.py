@@ -21,7 +21,7 @@ DeepSpeed 0.19.8 facts this module relies on (read in its source and pinned by
   when the section is enabled; when it is disabled, DeepSpeed detects the outer autocast
   only through ``torch.is_autocast_enabled()`` (CUDA's), so on GPU it is switched off and on
   CPU it stays on. Never wrap the engine call; only code outside the engine (the EMA teacher
-  forward) uses :func:`autocast_context`.
+  forward, evaluation) uses :func:`autocast_context` (``DeviceProfile.autocast``).
 * Only the module call is autocast: a loss computed from ``engine(x)``'s outputs runs in
   whatever dtype those outputs have (bf16 logits) unless the criterion upcasts.
 * ``engine.backward`` needs nothing special for bf16. For fp16, DeepSpeed creates a
@@ -40,7 +40,6 @@ DeepSpeed 0.19.8 facts this module relies on (read in its source and pinned by
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from types import SimpleNamespace
@@ -52,6 +51,7 @@ import torch.distributed as dist
 from torch.optim import lr_scheduler as sched
 
 from spnet_dist.config import LR_BASE_BATCH, check_zero_stage, micro_batch_size
+from spnet_dist.device_profile import autocast_dtype, autocast_for
 from spnet_dist.distributed import init_distributed, unlink_deepspeed_shm
 
 __all__ = [
@@ -66,14 +66,13 @@ __all__ = [
     "build_engine",
     "check_ds_config",
     "autocast_context",
+    "compile_student",
     "is_boundary",
     "engine_step",
 ]
 
 # Warm-up starts at lr x this factor and rises linearly to lr (LinearLR needs a factor > 0).
 WARMUP_START_FACTOR = 1e-3
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,13 +373,25 @@ def autocast_context(precision: str, device_type: str | torch.device) -> Context
         precision: ``"bf16"``, ``"fp16"`` or ``"fp32"`` (fp32 -> no autocast).
         device_type: ``"cuda"`` / ``"cpu"`` or a ``torch.device`` (the data's device).
     """
-    if isinstance(device_type, torch.device):
-        device_type = device_type.type
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    if precision not in _AUTOCAST_DTYPES:
-        raise ValueError(f"precision must be 'bf16', 'fp16' or 'fp32', got {precision!r}")
-    return torch.autocast(device_type=device_type, dtype=_AUTOCAST_DTYPES[precision])
+    return autocast_for(autocast_dtype(precision), device_type)
+
+
+def compile_student(engine: deepspeed.DeepSpeedEngine, backend: str) -> None:
+    """``torch.compile`` the engine's module in place with ``backend`` (``DeviceProfile.compile_backend``).
+
+    DeepSpeed's ``engine.compile()`` calls ``self.module.compile(backend=...)``, which sets the
+    module's ``_compiled_call_impl``: every call of ``engine.module`` runs compiled from then on,
+    the engine's forward and any direct call (evaluation) alike. Its default backend is the
+    accelerator's (inductor), so the backend is always passed. Evaluation therefore runs under
+    ``torch.compiler.set_stance("force_eager")`` (``spnet_dist.evaluate``): the skip path breaks
+    the graph at every ``nonzero()`` and would exhaust the recompile limit. A module deep-copied
+    before this call (the EMA teacher) is not compiled.
+
+    Args:
+        engine: the DeepSpeed engine.
+        backend: a ``torch.compile`` backend name.
+    """
+    engine.compile(backend=backend)
 
 
 def is_boundary(engine: deepspeed.DeepSpeedEngine) -> bool:

@@ -14,6 +14,12 @@ decisions with running statistics, which execute another share of the blocks. On
 shared by every router, moves the evaluation rule to "execute iff logit1 - logit0 > d" and is
 searched on the validation split so that the evaluated execution rate equals the target. It
 uses no label, never touches training, and an export bakes it into the routers' biases.
+
+Evaluation always runs eagerly (``torch.compiler.set_stance("force_eager")``), also for a student
+compiled with ``engine.compile``: the skip path has a data-dependent shape in every block (a graph
+break at each ``nonzero()``, a new graph per batch size), so compiling it would cost minutes of
+tracing per evaluation for nothing. The compiled training graph is left as it was: no new graph
+and no recompilation at the next training step (``tests/training/test_step.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .execution import set_execution
+from .execution import ExecutionPlan, execution_plan, reset_execution, set_execution
 from .flops import MacProfile, paper_units
 from .models.resnet import GatedResNet
 
@@ -102,7 +108,6 @@ class EvalTimer:
         return sum(start.elapsed_time(end) for start, end in self._events) / 1000.0
 
 
-@torch.no_grad()
 def evaluate(
     model: GatedResNet,
     loader: Iterable[tuple[Tensor, Tensor]],
@@ -112,10 +117,15 @@ def evaluate(
     on_batch: Optional[Callable[[Any], None]] = None,
     timer: Optional[EvalTimer] = None,
     threshold: Optional[float] = None,
+    skip_strategy: Optional[str] = None,
 ) -> dict[str, Any]:
     """Evaluate the dynamic network with its deterministic (inference-mode) gates.
 
-    Closed blocks are really skipped (``execution="skip"``), as they will be after export.
+    Closed blocks are really skipped (``execution="skip"``), as they will be after export. The
+    model's execution plan is restored afterwards; a plain model (the trainer's student) becomes
+    exactly its plain classes and attributes again, which is what a compiled training graph's
+    guards check: anything else left behind (a "masked" plan that still names the capacity
+    strategy, say) would recompile the training graph at its next step.
 
     Args:
         model: the student (``engine.module``); its mode is restored afterwards.
@@ -127,6 +137,9 @@ def evaluate(
         timer: measures data and model time separately (spnet-eval's report).
         threshold: the routers' evaluation threshold for this pass (None: the one the model
             holds, 0 unless calibrated); the model's own threshold is restored afterwards.
+        skip_strategy: how closed blocks are skipped (``DeviceProfile.eval_skip_strategy``:
+            "capacity" on CUDA, no host sync per block; "gather" on CPU); None keeps the model's
+            own (an exported model's). Same outputs either way.
 
     Returns:
         top1 (percent), gmacs (mean dynamic GMACs per image, plain MACs), gmacs_paper
@@ -136,23 +149,26 @@ def evaluate(
         (image, block): the execute probabilities of the rule evaluated).
     """
     record, _ = _evaluate_pass(model, loader, profile, device, autocast, on_batch, threshold, diff_counts=False,
-                               timer=timer)
+                               timer=timer, skip_strategy=skip_strategy)
     return record
 
 
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a compiled module runs its plain forward; nothing is traced
 def _evaluate_pass(model: GatedResNet, loader: Iterable[tuple[Tensor, Tensor]], profile: MacProfile,
                    device: torch.device, autocast: contextlib.AbstractContextManager | None,
                    on_batch: Optional[Callable[[Any], None]], threshold: Optional[float],
-                   diff_counts: bool, timer: Optional[EvalTimer] = None) -> tuple[dict[str, Any], Optional[Tensor]]:
+                   diff_counts: bool, timer: Optional[EvalTimer] = None,
+                   skip_strategy: Optional[str] = None) -> tuple[dict[str, Any], Optional[Tensor]]:
     """One pass of :func:`evaluate`; with ``diff_counts`` also the all-reduced histogram of the
     logit differences over :data:`DIFF_EDGES` (int64, on the CPU)."""
-    was_training = model.training
+    was_training, before = model.training, execution_plan(model)
     saved = model.gate_threshold
     if threshold is not None:
         model.set_gate_threshold(threshold)
     used = model.gate_threshold
     model.eval()
-    set_execution(model, "skip")
+    set_execution(model, "skip", skip_strategy=skip_strategy)
     counts = torch.zeros(2, dtype=torch.int64, device=device)  # correct, images
     executed = torch.zeros(model.num_blocks, dtype=torch.int64, device=device)
     prob_hist = torch.zeros(PROB_BINS, dtype=torch.int64, device=device)
@@ -180,7 +196,10 @@ def _evaluate_pass(model: GatedResNet, loader: Iterable[tuple[Tensor, Tensor]], 
             if on_batch is not None:
                 on_batch(out)
     finally:
-        set_execution(model, "masked")
+        if before == ExecutionPlan():
+            reset_execution(model)
+        else:
+            set_execution(model, before.mode, skip_strategy=before.skip_strategy)
         model.train(was_training)
         model.set_gate_threshold(saved)
     _all_reduce_sum_(counts)
@@ -333,7 +352,8 @@ def calibrate_threshold(measure: Callable[[float], tuple[float, Optional[Sequenc
 def evaluate_calibrated(model: GatedResNet, loader: Iterable[tuple[Tensor, Tensor]], profile: MacProfile,
                         device: torch.device, target: float,
                         autocast: contextlib.AbstractContextManager | None = None,
-                        tol: float = 0.005, max_passes: int = 10) -> dict[str, Any]:
+                        tol: float = 0.005, max_passes: int = 10,
+                        skip_strategy: Optional[str] = None) -> dict[str, Any]:
     """Calibrate the routers' shared threshold on ``loader`` to execution rate ``target``, set it on
     the model, and return the evaluation at it.
 
@@ -349,7 +369,8 @@ def evaluate_calibrated(model: GatedResNet, loader: Iterable[tuple[Tensor, Tenso
     records: dict[float, dict[str, Any]] = {}
 
     def measure(d: float) -> tuple[float, Optional[Sequence[int]]]:
-        record, counts = _evaluate_pass(model, loader, profile, device, autocast, None, d, diff_counts=True)
+        record, counts = _evaluate_pass(model, loader, profile, device, autocast, None, d, diff_counts=True,
+                                        skip_strategy=skip_strategy)
         records[d] = record
         return record["exec_rate"], counts
 

@@ -92,7 +92,8 @@ def _tail(text: str, n: int) -> str:
 
 
 def run_torchrun(script_path: str | Path, nproc: int, args: Sequence[str] = (),
-                 env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+                 env: dict[str, str] | None = None, timeout: float = 300,
+                 check: bool = True) -> subprocess.CompletedProcess:
     """Run ``script_path`` on ``nproc`` local ranks with torchrun (static rendezvous, free port).
 
     Args:
@@ -101,11 +102,12 @@ def run_torchrun(script_path: str | Path, nproc: int, args: Sequence[str] = (),
         args: arguments for the script.
         env: extra environment variables.
         timeout: seconds before the job is killed.
+        check: raise on a non-zero exit status (False: the caller inspects ``returncode``).
     """
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), str(script_path), *args]
-    return run_command(cmd, env=env, timeout=timeout)
+    return run_command(cmd, env=env, timeout=timeout, check=check)
 
 
 def run_torchrun_nodes(script_path: str | Path, nnodes: int, args: Sequence[str] = (),

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from .. import distributed as D
-from .dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, ReaderOptions, dali_available, resolve_dali_device
+from .dali import DaliEvalLoader, DaliRecipe, DaliTrainLoader, ReaderOptions, dali_available
 from .datasets import JPEG_FOLDERS, build_datasets, build_test_dataset, prepared_root
 from .folder import build_imagefolder, listing_of, read_listing, save_listing
 from .protocol import Loader
@@ -89,7 +89,8 @@ def reader_options(data_cfg: Any) -> ReaderOptions:
 
 def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                   device: Optional[torch.device] = None, channels_last: bool = False,
-                  listing_path: Optional[str | os.PathLike] = None) -> tuple[Loader, Loader]:
+                  listing_path: Optional[str | os.PathLike] = None, pin_memory: bool = False,
+                  dali_device: str = "cpu") -> tuple[Loader, Loader]:
     """Build this rank's ``(train_loader, val_loader)`` with the configured backend.
 
     The one call the trainer makes. Rank 0 prepares the data (the digits cache) and scans the
@@ -97,29 +98,35 @@ def build_loaders(data_cfg: Any, micro_batch_size: int, rank: int = 0, world_siz
     file list (``listing_path``), so any failure of the scan stops every rank with the same
     one-line error before training.
 
+    The device-dependent arguments are the rank's ``spnet_dist.device_profile.DeviceProfile``
+    answers (the trainer resolves them once); ``data_cfg.dali_device`` is not read here.
+
     Args:
         data_cfg: ``spnet_dist.config.DataConfig`` (format, root, image_size, augment,
-            num_workers, eval_batch_size, backend, dali_device, on_corrupt, and the DALI reader's
+            num_workers, eval_batch_size, backend, on_corrupt, and the DALI reader's
             dali_dont_use_mmap, dali_prefetch_queue_depth).
         micro_batch_size: training samples per batch on this rank.
         rank: GLOBAL rank (shards must differ across nodes).
         world_size: data-parallel ranks.
         seed: run seed (order and augmentation).
-        device: this rank's compute device; ``cuda:i`` lets ``dali_device=auto`` decode on GPU i.
-        channels_last: DALI GPU batches in channels-last memory (``engine.channels_last``).
+        device: this rank's compute device; DALI ``gpu`` decodes on its index.
+        channels_last: batches of both loaders, both backends, in NHWC memory, the layout the
+            training step feeds the model (so it never converts them).
         listing_path: where rank 0 saves the file list (the run directory); None = every rank scans.
+        pin_memory: page-locked torchvision batches (CUDA only).
+        dali_device: ``"gpu"`` (``mixed`` decoding on ``device``) or ``"cpu"``, already resolved.
     """
     backend = resolve_data_backend(getattr(data_cfg, "backend", "torchvision"), data_cfg.format)
     on_corrupt = getattr(data_cfg, "on_corrupt", "error")
     listing = _shared_listing(data_cfg, rank, Path(listing_path) if listing_path is not None else None)
     train_set, val_set = build_datasets(data_cfg, listing)
     if backend == "torchvision":
+        layout = dict(pin_memory=pin_memory, channels_last=channels_last)
         return (build_train_loader(train_set, micro_batch_size, rank, world_size, seed,
-                                   data_cfg.num_workers, on_corrupt),
+                                   data_cfg.num_workers, on_corrupt, **layout),
                 build_eval_loader(val_set, data_cfg.eval_batch_size, rank, world_size,
-                                  data_cfg.num_workers, on_corrupt))
+                                  data_cfg.num_workers, on_corrupt, **layout))
 
-    dali_device = resolve_dali_device(getattr(data_cfg, "dali_device", "auto"), device)
     recipe = resolve_augment(data_cfg.augment, data_cfg.format)
     common = dict(num_threads=max(1, data_cfg.num_workers), dali_device=dali_device, device=device,
                   channels_last=channels_last, on_corrupt=on_corrupt, reader=reader_options(data_cfg))

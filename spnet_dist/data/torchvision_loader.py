@@ -11,7 +11,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
 from .protocol import CorruptImageError
 from .sampling import (ShardedEvalLoader, ShardedTrainLoader, check_on_corrupt, corrupt_image_error, note_skipped,
@@ -50,11 +50,45 @@ def _replaced_paths(dataset: Dataset, bad: Tensor) -> list[str]:
     return [path_of(dataset, index) for index in bad[bad >= 0].tolist()]
 
 
+class _Collate:
+    """``default_collate``; with ``channels_last`` the images are written straight into an NHWC batch.
+
+    The batch is then in the layout the model's input wants (``DeviceProfile.channels_last``), so the
+    training step never converts it: on CUDA its host-to-device copy is one contiguous memcpy. The
+    one copy per sample is the one ``torch.stack`` would make; in a worker the batch goes into
+    shared memory, as ``default_collate`` does, so it reaches the main process without another.
+    """
+
+    def __init__(self, channels_last: bool) -> None:
+        self.channels_last = channels_last
+
+    def __call__(self, samples: list) -> Any:
+        first = samples[0][0]
+        if not (self.channels_last and isinstance(first, Tensor) and first.dim() == 3):
+            return default_collate(samples)
+        c, h, w = first.shape
+        shape, strides = (len(samples), c, h, w), (h * w * c, 1, w * c, c)  # NCHW sizes, NHWC memory
+        if get_worker_info() is not None:
+            storage = first.untyped_storage()._new_shared(len(samples) * first.numel() * first.element_size())
+            images = first.new_empty(0).set_(storage, 0, shape, strides)
+        else:
+            images = torch.empty_strided(shape, strides, dtype=first.dtype)
+        for i, sample in enumerate(samples):
+            images[i].copy_(sample[0])
+        return (images, *default_collate([sample[1:] for sample in samples]))
+
+
 def _data_loader(dataset: Dataset, batch_size: int, sampler: Any, num_workers: int, drop_last: bool,
-                 generator: Optional[torch.Generator] = None) -> DataLoader:
-    """A DataLoader over ``sampler``'s order; workers persist across epochs (no restart per epoch)."""
+                 generator: Optional[torch.Generator] = None, pin_memory: bool = False,
+                 channels_last: bool = False) -> DataLoader:
+    """A DataLoader over ``sampler``'s order; workers persist across epochs (no restart per epoch).
+
+    ``pin_memory`` and ``channels_last`` are the rank's ``DeviceProfile`` answers (page-locked
+    batches for asynchronous copies to the GPU; ``Tensor.pin_memory`` keeps the NHWC strides).
+    """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=num_workers,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available(), generator=generator)
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory, generator=generator,
+                      collate_fn=_Collate(channels_last))
 
 
 class _SeededSamples(Dataset):
@@ -124,10 +158,13 @@ class TrainLoader(ShardedTrainLoader):
         num_workers: DataLoader worker processes (persistent when > 0).
         on_corrupt: ``"error"`` (stop, naming the file) or ``"skip"`` (replace an undecodable
             file by the next decodable one, report and count it in ``skipped``).
+        pin_memory: page-locked batches (``DeviceProfile.pin_memory_now``).
+        channels_last: batches in NHWC memory (``DeviceProfile.channels_last``).
     """
 
     def __init__(self, dataset: Dataset, micro_batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_workers: int = 0, on_corrupt: str = "error") -> None:
+                 seed: int = 0, num_workers: int = 0, on_corrupt: str = "error", pin_memory: bool = False,
+                 channels_last: bool = False) -> None:
         check_on_corrupt(on_corrupt)
         super().__init__(len(dataset), micro_batch_size, rank, world_size, seed)
         self.dataset = dataset
@@ -137,7 +174,7 @@ class TrainLoader(ShardedTrainLoader):
         # (seed, epoch, rank), not of how many epochs this process happened to run.
         self._generator = torch.Generator()
         self._loader = _data_loader(self._samples, self.batch_size, self._keys, num_workers, drop_last=True,
-                                    generator=self._generator)
+                                    generator=self._generator, pin_memory=pin_memory, channels_last=channels_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = self.epoch
@@ -157,13 +194,15 @@ class TrainLoader(ShardedTrainLoader):
 
 
 def build_train_loader(dataset: Dataset, micro_batch_size: int, rank: int = 0, world_size: int = 1,
-                       seed: int = 0, num_workers: int = 0, on_corrupt: str = "error") -> TrainLoader:
+                       seed: int = 0, num_workers: int = 0, on_corrupt: str = "error", pin_memory: bool = False,
+                       channels_last: bool = False) -> TrainLoader:
     """Build the training :class:`~spnet_dist.data.protocol.Loader` of one rank.
 
     Args: see :class:`TrainLoader`.
     """
-    return TrainLoader(dataset, micro_batch_size, rank=rank, world_size=world_size,
-                       seed=seed, num_workers=num_workers, on_corrupt=on_corrupt)
+    return TrainLoader(dataset, micro_batch_size, rank=rank, world_size=world_size, seed=seed,
+                       num_workers=num_workers, on_corrupt=on_corrupt, pin_memory=pin_memory,
+                       channels_last=channels_last)
 
 
 class _CheckedSamples(Dataset):
@@ -193,15 +232,17 @@ class EvalLoader(ShardedEvalLoader):
         num_workers: DataLoader worker processes (persistent when > 0).
         on_corrupt: ``"error"`` or ``"skip"`` (an undecodable image is left out of the batch,
             reported and counted in ``skipped``).
+        pin_memory, channels_last: as in :class:`TrainLoader`.
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, on_corrupt: str = "error") -> None:
+                 num_workers: int = 0, on_corrupt: str = "error", pin_memory: bool = False,
+                 channels_last: bool = False) -> None:
         check_on_corrupt(on_corrupt)
         super().__init__(len(dataset), batch_size, rank, world_size)
         self.dataset = dataset
         self._loader = _data_loader(_CheckedSamples(dataset, on_corrupt), self.batch_size, self.indices, num_workers,
-                                    drop_last=False)
+                                    drop_last=False, pin_memory=pin_memory, channels_last=channels_last)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels, bad in self._loader:
@@ -215,10 +256,11 @@ class EvalLoader(ShardedEvalLoader):
 
 
 def build_eval_loader(dataset: Dataset, batch_size: int, rank: int = 0, world_size: int = 1,
-                      num_workers: int = 0, on_corrupt: str = "error") -> EvalLoader:
+                      num_workers: int = 0, on_corrupt: str = "error", pin_memory: bool = False,
+                      channels_last: bool = False) -> EvalLoader:
     """Build the evaluation :class:`~spnet_dist.data.protocol.Loader` of one rank.
 
     Args: see :class:`EvalLoader`.
     """
     return EvalLoader(dataset, batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                      on_corrupt=on_corrupt)
+                      on_corrupt=on_corrupt, pin_memory=pin_memory, channels_last=channels_last)

@@ -17,7 +17,6 @@ model's time apart from the time spent waiting for data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .. import distributed as D
+from ..config import Config
 from ..data import build_eval_loader
 from ..data.dali import DaliEvalLoader, DaliRecipe, dali_available, resolve_dali_device
 from ..data.datasets import JPEG_FOLDERS
@@ -36,6 +36,7 @@ from ..data.folder import ImageFolderDataset
 from ..data.loaders import reader_options, resolve_data_backend
 from ..data.protocol import Loader
 from ..data.transforms import build_transform
+from ..device_profile import resolve_device_profile
 from ..evaluate import EvalTimer, evaluate
 from ..flops import PerImageMacs, paper_units, profile_macs
 from .inference import ExportError, load_model, read_export_config
@@ -43,7 +44,6 @@ from .inference import ExportError, load_model, read_export_config
 REPORT_FILE = "report.json"
 RATES_PNG = "exec_rates.png"
 MACS_PNG = "macs_hist.png"
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LOADERS = ("auto", "dali", "torchvision")
 
 
@@ -136,7 +136,8 @@ def build_loader(dataset: ImageFolderDataset, config: dict[str, Any], batch_size
             {"backend": "dali", "dali_device": dali_device, "threads": max(1, workers)})
 
 
-def load_for_eval(model_dir: Path, device: torch.device, as_trained: bool = False) -> torch.nn.Module:
+def load_for_eval(model_dir: Path, device: torch.device, as_trained: bool = False,
+                  skip_strategy: str = "auto") -> torch.nn.Module:
     """The export as spnet-eval runs it.
 
     Args:
@@ -148,10 +149,12 @@ def load_for_eval(model_dir: Path, device: torch.device, as_trained: bool = Fals
             kernels, so the logits differ from the trainer's by about 1e-2 (measured on CPU:
             0.016 folded, 0.0036 unfolded channels-last, 0.0 as trained); in fp32 the default
             (folded, channels-last) is within 1e-6.
+        skip_strategy: how closed blocks are skipped (the device profile's ``eval_skip_strategy``).
     """
     if as_trained:
-        return load_model(model_dir, device=device, execution="skip", channels_last=False, optimize=False)
-    return load_model(model_dir, device=device, execution="skip")
+        return load_model(model_dir, device=device, execution="skip", channels_last=False, optimize=False,
+                          skip_strategy=skip_strategy)
+    return load_model(model_dir, device=device, execution="skip", skip_strategy=skip_strategy)
 
 
 def _gather_floats(values: list[float], device: torch.device) -> list[float]:
@@ -183,12 +186,15 @@ def run_eval(model_dir: Path, data: Path, batch_size: int, device: torch.device,
     if config.get("static"):
         raise ExportError(f"{model_dir}: a --static export has no routers; evaluate the SP-Net export")
     dataset = open_folder(data, config)
-    model = load_for_eval(model_dir, device, as_trained)
+    # The trainer's resolver for this process's device: autocast dtype and skip strategy. Only the
+    # run's precision carries over; the training-only fields (sync_bn, NCCL, ...) do not apply here.
+    settings = Config()
+    settings.engine.precision = precision = precision or config["preprocessing"].get("precision", "fp32")
+    device_profile = resolve_device_profile(settings, device)
+    model = load_for_eval(model_dir, device, as_trained, skip_strategy=device_profile.eval_skip_strategy)
     size = config["preprocessing"]["image_size"]
     profile = profile_macs(model, (size, size))
-    precision = precision or config["preprocessing"].get("precision", "fp32")
-    autocast = (torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
-                if precision in _AUTOCAST else contextlib.nullcontext())
+    autocast = device_profile.autocast()
     batches, loader_info = build_loader(dataset, config, batch_size, device, loader, workers,
                                         channels_last=not as_trained)
     per_image = PerImageMacs(profile)

@@ -79,7 +79,7 @@ class PathProbe:
         run_dir: where ``paths.jsonl`` goes (written by the main rank).
         device: the training device.
         rank, world_size, is_main: this process.
-        execution: "skip" or "masked" (the eval-mode forward, see ``resolve_teacher_execution``).
+        execution: "skip" or "masked" (the eval-mode forward: the device profile's ``teacher_execution``).
     """
 
     def __init__(self, loader: Any, size: int, every: int, run_dir: RunDirectory, device: torch.device,

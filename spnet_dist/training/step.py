@@ -14,14 +14,14 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .. import distributed as D
-from ..config import CHOICES
-from ..engine import autocast_context, build_engine, deepspeed_config, engine_step, is_boundary
+from ..device_profile import DeviceProfile, resolve_device_profile
+from ..engine import build_engine, compile_student, deepspeed_config, engine_step, is_boundary
 from ..execution import set_execution
 from ..losses import SPNetCriterion
 from ..models.resnet import GatedResNet
 from ..teacher import EMATeacher
 
-__all__ = ["SPNetStep", "clamp_gradients_", "resolve_teacher_execution", "use_channels_last"]
+__all__ = ["SPNetStep", "clamp_gradients_"]
 
 
 def clamp_gradients_(parameters: Sequence[torch.nn.Parameter], limit: float) -> None:
@@ -37,31 +37,6 @@ def clamp_gradients_(parameters: Sequence[torch.nn.Parameter], limit: float) -> 
         torch._foreach_clamp_max_(grads, limit)
 
 
-def resolve_teacher_execution(choice: str, device: torch.device) -> str:
-    """``teacher.execution`` -> "masked" or "skip" ("auto": masked on CUDA, skip elsewhere).
-
-    The skip path calls ``nonzero()`` in every block (a host-device sync each, 16 per step on
-    ResNet-50) and gives every block a batch of a different size, which defeats
-    ``cudnn.benchmark``, CUDA graphs and ``torch.compile``; on a GPU the few MACs it saves
-    cost more than they save. On a CPU there is no device to wait for and MACs are time.
-
-    Args:
-        choice: one of ``config.CHOICES["teacher.execution"]``.
-        device: the training device.
-    """
-    allowed = CHOICES["teacher.execution"]
-    if choice not in allowed:
-        raise ValueError(f"teacher.execution must be one of {', '.join(map(repr, allowed))}, got {choice!r}")
-    if choice == "auto":
-        return "masked" if device.type == "cuda" else "skip"
-    return choice
-
-
-def use_channels_last(cfg: Any, device: torch.device) -> bool:
-    """``engine.channels_last`` resolved: null means on for CUDA (tensor-core convolutions), off on CPU."""
-    return device.type == "cuda" if cfg.engine.channels_last is None else cfg.engine.channels_last
-
-
 class SPNetStep:
     """One SP-Net optimisation step on a micro-batch: the engine, the teacher, the criterion.
 
@@ -71,17 +46,24 @@ class SPNetStep:
         device: where the batch goes.
         world_size: number of ranks (for the derived DeepSpeed batch sizes).
         steps_per_epoch: optimizer steps per epoch (for the LR schedule).
+        profile: the rank's device-dependent answers (the trainer's); None resolves them for
+            ``device`` (benchmarks, tests).
     """
 
     def __init__(self, cfg: Any, model: GatedResNet, device: torch.device, world_size: int,
-                 steps_per_epoch: int) -> None:
+                 steps_per_epoch: int, profile: Optional[DeviceProfile] = None) -> None:
         self.device = device
-        if device.type == "cuda":
-            # Fixed input shapes (masked execution): let cuDNN pick the fastest kernels, unless
-            # the run asked for deterministic algorithms.
-            torch.backends.cudnn.benchmark = not torch.are_deterministic_algorithms_enabled()
-        self.memory_format = torch.channels_last if use_channels_last(cfg, device) else torch.contiguous_format
-        model = model.to(memory_format=self.memory_format)
+        self.profile = profile = profile or resolve_device_profile(cfg, device)
+        if profile.cudnn_benchmark_now:
+            # Fixed input shapes (masked execution): let cuDNN pick the fastest kernels.
+            torch.backends.cudnn.benchmark = True
+        # channels_last applies to the BATCHES only; the parameters stay NCHW. DeepSpeed views every
+        # parameter as bytes to broadcast it (`p.data.view(torch.uint8)`, needs stride(-1) == 1),
+        # ZeRO-2 copies gradients with `.view(-1)` and re-points parameters to NCHW views of its
+        # flat buffer after every step. cuDNN and oneDNN pick NHWC kernels when the input is
+        # channels_last (the weight is reordered inside the convolution), the activations stay NHWC,
+        # and AccumulateGrad gives each weight gradient the parameter's NCHW strides (docs/training.md).
+        self.memory_format = profile.memory_format
         num_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.ds_config = deepspeed_config(cfg, world_size, num_parameters=num_parameters)
         self.engine, self.optimizer, self.scheduler = build_engine(
@@ -95,19 +77,19 @@ class SPNetStep:
             if cfg.teacher.enabled
             else None
         )
-        self.teacher_execution = resolve_teacher_execution(cfg.teacher.execution, device)
+        self.teacher_execution = profile.teacher_execution
         if self.teacher is not None and cfg.teacher.forward_mode == "eval":
             # An eval-mode teacher makes hard, deterministic decisions and needs no gradient, so
             # it may really skip its closed blocks (same outputs as the masked path, tested); a
             # train-mode teacher stays the plain model and runs the masked path like the student.
             set_execution(self.teacher.module, self.teacher_execution)
-        if cfg.engine.compile:
+        if profile.compile:
             # After the teacher copy: the teacher stays eager (its skip path has data-dependent
-            # shapes). DeepSpeed's engine.compile() compiles the module's forward in place.
-            self.engine.compile()
+            # shapes), and evaluation runs the student eagerly (spnet_dist.evaluate).
+            compile_student(self.engine, profile.compile_backend)
         self.criterion = SPNetCriterion.from_config(cfg.loss, teacher_enabled=cfg.teacher.enabled)
         self.grad_clamp = cfg.loss.grad_clamp
-        self.autocast = autocast_context(cfg.engine.precision, device.type)
+        self.autocast = profile.autocast()
         self.skipped_steps = 0  # optimizer steps DeepSpeed skipped (fp16 overflow)
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
@@ -117,7 +99,9 @@ class SPNetStep:
         between accumulation boundaries and for a boundary whose fp16 step DeepSpeed skipped on
         overflow (then neither the teacher nor the step count moves, and the LR did not step).
         """
-        # non_blocking: from the loader's pinned memory the copy overlaps with queued GPU work.
+        # non_blocking: from the loader's pinned memory the copy overlaps with queued GPU work. The
+        # loaders emit the profile's layout, so this is the host-to-device copy alone (one memcpy)
+        # or, for a batch already on the device in that layout, no copy at all.
         images = images.to(self.device, memory_format=self.memory_format, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
         student = self.engine(images)  # DeepSpeed applies its torch_autocast section here

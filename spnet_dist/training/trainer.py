@@ -20,8 +20,9 @@ import torch
 from .. import distributed as D
 from ..checkpoint import (CheckpointError, RankState, ResumeMismatch, Snapshot, TeacherState, TrainState,
                           capture_rng, load_snapshot, point_alias, restore_rng, save_snapshot, step_tag)
-from ..config import LR_BASE_BATCH, Config, config_warnings, micro_batch_size, parse_args, to_dict
+from ..config import LR_BASE_BATCH, Config, ConfigError, config_warnings, micro_batch_size, parse_args, to_dict
 from ..data import build_loaders, build_test_loader
+from ..device_profile import resolve_device_profile
 from ..engine import learning_rate
 from ..evaluate import evaluate, evaluate_calibrated
 from ..flops import profile_macs
@@ -34,7 +35,7 @@ from .reproducibility import seed_everything, set_deterministic
 from .run_log import RunLogger, results_table
 from .signals import (EXIT_BAD_CONFIG, EXIT_DIVERGED, EXIT_PREEMPTED, Preempted, StopCheck, StopSignals,
                       TrainingDiverged)
-from .step import SPNetStep, resolve_teacher_execution
+from .step import SPNetStep
 
 __all__ = ["Trainer", "main", "cli", "TEST_KEYS"]
 
@@ -66,30 +67,42 @@ class Trainer:
 
     def _set_up(self) -> None:
         cfg = self.cfg
+        # ============ device profile: every device-dependent setting, answered once ============
+        # Before any process group or file: a setting this device cannot run (model.sync_bn or
+        # NCCL without CUDA, ...) is a one-line ConfigError here. Every consumer reads self.profile.
+        self.profile = resolve_device_profile(cfg)
+
         # ============ distributed ============
         # A collective that waits longer than engine.timeout_min (a rank died or hangs) raises,
         # so the job ends and can be requeued instead of holding its nodes until the time limit.
-        self.dist = D.init_distributed(cfg.engine.backend, timeout=timedelta(minutes=cfg.engine.timeout_min))
+        self.dist = D.init_distributed(self.profile.backend_now, timeout=timedelta(minutes=cfg.engine.timeout_min))
         self.device = self.dist.device
+        if self.device.type != self.profile.compute:  # both follow torch.cuda.is_available()
+            raise RuntimeError(f"the device profile was resolved for {self.profile.compute}, the rank runs on {self.device}")
 
         # ============ run directory: a fresh run, or resume (rank 0 decides, every rank obeys) ============
         self.run_dir = RunDirectory(cfg.run.out_dir)
-        self.plan = plan_run_directory(cfg, self.run_dir, self.dist.is_main)
+        try:
+            self.plan = plan_run_directory(cfg, self.run_dir, self.dist.is_main)
+        except FileExistsError as err:  # run.resume=never on a directory that holds a run (every rank)
+            raise ConfigError(str(err), "run.resume") from None
         # Rank 0 alone creates the TensorBoard files: a failure there reaches every rank.
         opened = D.run_on_main(lambda: RunLogger(self.run_dir, True, cfg.run.progress, cfg.run.tensorboard,
                                                  purge_step=self.plan.restart_step),
                                is_main=self.dist.is_main, share=False, what="open the TensorBoard log")
         self.log = opened if self.dist.is_main else RunLogger(self.run_dir, False)
-        # The per-rank batch every BatchNorm sees (without sync_bn): a decision the user sees.
+        # The per-rank batch every BatchNorm sees (without sync_bn): a decision the user sees. The
+        # warnings are those of the profile's device (the CUDA profile on a CPU warns as CUDA would).
         self.micro_batch = micro_batch_size(cfg, self.dist.world_size)
-        for warning in config_warnings(cfg, self.dist.world_size, self.device.type):
+        for warning in config_warnings(cfg, self.dist.world_size, self.profile.target):
             self.log.print(f"warning: {warning}")
 
         # ============ data: rank 0 prepares and scans, the others read its file list ============
         self.train_loader, self.val_loader = build_loaders(
             cfg.data, self.micro_batch, self.dist.rank, self.dist.world_size,
-            cfg.run.seed, device=self.device, channels_last=getattr(cfg.engine, "channels_last", False),
-            listing_path=self.run_dir.data_files,
+            cfg.run.seed, device=self.device, channels_last=self.profile.channels_last,
+            listing_path=self.run_dir.data_files, pin_memory=self.profile.pin_memory_now,
+            dali_device=self.profile.dali_device_now,
         )
         # The held-out test split of the formats that have one (fashion_mnist): evaluated next to
         # the validation split at every evaluation; model selection never reads it.
@@ -104,11 +117,10 @@ class Trainer:
         # ============ model, engine, teacher, criterion ============
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
         model = build_model(cfg)
-        if cfg.model.sync_bn:
-            if self.device.type != "cuda":
-                raise ValueError("model.sync_bn: SyncBatchNorm needs CUDA devices; set it to false on CPU")
+        if self.profile.sync_bn_now:  # refused without CUDA by the profile; not emulated on a CPU
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.step_fn = SPNetStep(cfg, model.to(self.device), self.device, self.dist.world_size, self.steps_per_epoch)
+        self.step_fn = SPNetStep(cfg, model.to(self.device), self.device, self.dist.world_size, self.steps_per_epoch,
+                                 profile=self.profile)
         self.model = self.step_fn.model
         self.engine, self.teacher, self.scheduler = self.step_fn.engine, self.step_fn.teacher, self.step_fn.scheduler
         self.mac_profile = profile_macs(self.model, (cfg.data.image_size, cfg.data.image_size))
@@ -124,7 +136,7 @@ class Trainer:
             self.paths = PathProbe(self.val_loader, cfg.run.path_probe_size,
                                    resolve_snapshot_every(cfg.run.path_snapshot_every, self.steps_per_epoch),
                                    self.run_dir, self.device, self.dist.rank, self.dist.world_size,
-                                   self.dist.is_main, resolve_teacher_execution("auto", self.device))
+                                   self.dist.is_main, self.profile.teacher_execution)
 
         # ============ the loop's state: counters, epoch sums, stop agreement ============
         self.state = TrainState()
@@ -247,16 +259,17 @@ class Trainer:
         """
         # BN buffers are already identical across ranks: averaged after every optimizer step.
         args = (self.mac_profile, self.device)
+        skip = dict(skip_strategy=self.profile.eval_skip_strategy)
         if self.calibration_target is None:
-            record = evaluate(self.model, self.val_loader, *args, self.step_fn.autocast, threshold=0.0)
+            record = evaluate(self.model, self.val_loader, *args, self.step_fn.autocast, threshold=0.0, **skip)
         else:
             record = evaluate_calibrated(self.model, self.val_loader, *args, self.calibration_target,
-                                         self.step_fn.autocast)
+                                         self.step_fn.autocast, **skip)
         if self.test_loader is not None:
-            test = evaluate(self.model, self.test_loader, *args, self.step_fn.autocast)  # the threshold just set
+            test = evaluate(self.model, self.test_loader, *args, self.step_fn.autocast, **skip)  # the threshold just set
             record |= {f"test_{k}": test[k] for k in TEST_KEYS}
             if final and self.calibration_target is not None:
-                paper = evaluate(self.model, self.test_loader, *args, self.step_fn.autocast, threshold=0.0)
+                paper = evaluate(self.model, self.test_loader, *args, self.step_fn.autocast, threshold=0.0, **skip)
                 record |= {f"test_paper_rule_{k}": paper[k] for k in TEST_KEYS}
         return record
 
@@ -380,7 +393,7 @@ class Trainer:
         saved_engine = snap.config["engine"]  # global batch and accumulation cannot change on resume
         saved_micro = saved_engine["global_batch_size"] // (saved_engine["grad_accum"] * snap.world_size)
         if saved_micro != self.micro_batch:
-            bn = (f"SyncBatchNorm still normalises over {self.micro_batch * world} images" if self.cfg.model.sync_bn
+            bn = (f"SyncBatchNorm still normalises over {self.micro_batch * world} images" if self.profile.sync_bn_now
                   else f"every BatchNorm now normalises over {self.micro_batch} images instead of {saved_micro}")
             self.log.print(f"warning: world size {snap.world_size} -> {world} changes the micro-batch from {saved_micro} "
                            f"to {self.micro_batch} images per rank: {bn}; the global batch and the learning rate "
@@ -395,7 +408,8 @@ class Trainer:
                   if cfg.optim.lr_scaling == "linear" else "")
         return (f"SP-Net {cfg.model.name}: {self.model.num_blocks} gated blocks, world size {self.dist.world_size}, "
                 f"micro-batch {self.micro_batch} x accumulation {cfg.engine.grad_accum}, lr {lr:g}{scaled}, "
-                f"{self.steps_per_epoch} optimizer steps/epoch, static {self.mac_profile.static() / 1e9:.4f} GMACs")
+                f"{self.steps_per_epoch} optimizer steps/epoch, static {self.mac_profile.static() / 1e9:.4f} GMACs\n"
+                f"{self.profile.describe()}")
 
 
 def main(cfg: Config) -> dict[str, Any]:
@@ -417,7 +431,7 @@ def cli(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_args(argv, description="Train an SP-Net dynamic-inference ResNet (DeepSpeed, CPU or GPU).")
     try:
         main(cfg)
-    except (ResumeMismatch, CheckpointError) as err:
+    except (ConfigError, ResumeMismatch, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_BAD_CONFIG) from None
     except TrainingDiverged as err:

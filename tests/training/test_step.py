@@ -1,5 +1,6 @@
 """SPNetStep on CPU as a GPU would run it: host syncs, the teacher's hooks and execution path,
-skipped fp16 steps, tensors created without a device (issue 6, findings 1 and 3-7)."""
+skipped fp16 steps, tensors created without a device (issue 6, findings 1 and 3-7); channels_last
+batches with NCHW parameters and torch.compile with evaluation in between (issue 19, findings 1, 3)."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,13 @@ import torch
 from spnet_dist import training
 from spnet_dist.config import load_config
 from spnet_dist.device_audit import DeviceAudit, HostSyncCounter
+from spnet_dist.device_profile import PROFILE_ENV, resolve_device_profile
+from spnet_dist.evaluate import evaluate
 from spnet_dist.execution import InferenceResNet, execution_plan, set_execution
+from spnet_dist.flops import profile_macs
 from spnet_dist.models.from_config import build_model
 from spnet_dist.training.reproducibility import seed_everything
-from spnet_dist.training.step import SPNetStep, clamp_gradients_, resolve_teacher_execution
+from spnet_dist.training.step import SPNetStep, clamp_gradients_
 
 from ..conftest import REPO_ROOT
 from ..dist_helpers import WORKERS, run_torchrun
@@ -33,12 +37,14 @@ def reset_deepspeed_autocast_state():
     ds_autocast.TORCH_AUTOCAST_DTYPE = None
 
 
-def make_step(*overrides: str) -> SPNetStep:
+def make_step(*overrides: str, emulate: str = "") -> SPNetStep:
+    """SPNetStep on the demo model; ``emulate`` is a ``SPNET_DEVICE_PROFILE`` value ("cuda", "cuda:eager")."""
     cfg = load_config(REPO_ROOT / "configs" / "demo.yaml",
                       [f"engine.global_batch_size={BATCH}", f"data.image_size={SIZE}", *overrides],
                       check_paths=False, world_size=1)
     seed_everything(0)
-    return SPNetStep(cfg, build_model(cfg), torch.device("cpu"), world_size=1, steps_per_epoch=100)
+    profile = resolve_device_profile(cfg, "cpu", {PROFILE_ENV: emulate})
+    return SPNetStep(cfg, build_model(cfg), torch.device("cpu"), world_size=1, steps_per_epoch=100, profile=profile)
 
 
 def batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +120,6 @@ def test_teacher_carries_none_of_the_engines_hooks():
 
 def test_teacher_execution_path_is_a_config_choice():
     # Finding 5: the eval-mode teacher's skip path costs a nonzero() host sync per block.
-    assert resolve_teacher_execution("auto", torch.device("cuda")) == "masked"
-    assert resolve_teacher_execution("auto", torch.device("cpu")) == "skip"
     images, targets = batch()
     for choice, mode, nonzeros in (("masked", "masked", 0), ("skip", "skip", 9), ("auto", "skip", 9)):
         step = make_step(f"teacher.execution={choice}", "teacher.forward_mode=eval")  # only eval mode skips
@@ -210,3 +214,72 @@ def test_masked_training_forward_compiles_as_one_graph():
     assert explained.graph_count == 1 and explained.graph_break_count == 0
     set_execution(model.eval(), "skip")
     assert dynamo.explain(model)(torch.randn(4, 3, SIZE, SIZE)).graph_break_count >= model.num_blocks
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 19, finding 1: channels_last batches, NCHW parameters (DeepSpeed's byte-view broadcast,
+# ZeRO's flat views). Before: every stage crashed in deepspeed.initialize's _broadcast_model.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_channels_last_batches_train_with_nchw_parameters_at_every_zero_stage(stage):
+    step = make_step(f"engine.zero_stage={stage}", emulate="cuda")  # channels_last: null -> on, as on CUDA
+    assert step.profile.channels_last and step.memory_format == torch.channels_last
+    convs = [m for m in step.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    seen = {"inputs": [], "grads": []}
+    stem = convs[0].register_forward_pre_hook(lambda m, args: seen["inputs"].append(args[0]))
+    hooks = [c.weight.register_hook(lambda g: seen["grads"].append(g.is_contiguous(memory_format=torch.channels_last)
+                                                                   and not g.is_contiguous())) for c in convs]
+    images, targets = batch()
+    images = images.contiguous(memory_format=torch.channels_last)  # as the loaders emit it
+    for _ in range(2):  # the second step runs on the parameters ZeRO 1/2 re-pointed into their flat buffer
+        terms, applied = step(images, targets)
+        assert applied and torch.isfinite(terms["total"])
+    stem.remove()
+    for hook in hooks:
+        hook.remove()
+    # the batch reaches the model as it came, not converted (no copy per step)
+    assert all(x.data_ptr() == images.data_ptr() for x in seen["inputs"])
+    for p in step.model.parameters():  # NCHW, as DeepSpeed's broadcast and ZeRO's views need
+        assert p.is_contiguous() and (p.grad is None or p.grad.is_contiguous())
+    # Measured: oneDNN returns every conv weight's gradient NHWC; AccumulateGrad copies it into the
+    # parameter's NCHW strides (one weight-sized copy per conv per step, docs/training.md).
+    assert len(seen["grads"]) == 2 * len(convs) and all(seen["grads"])
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 19, finding 3: evaluation and the teacher never run the compiled student, and an
+# evaluation does not make the next training step recompile.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_evaluation_between_compiled_training_steps_adds_no_graph():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    # the eval-mode teacher skips on a CPU: were it compiled, each nonzero() would break its graph
+    step = make_step("engine.compile=true", "teacher.forward_mode=eval", "teacher.execution=skip",
+                     emulate="cuda:eager")
+    assert step.profile.compile_backend == "eager"
+    assert step.model._compiled_call_impl is not None  # the student is compiled in place ...
+    assert step.teacher.module._compiled_call_impl is None  # ... its copy, the teacher, is not
+    images, targets = batch()
+    step(images, targets)
+    step(images, targets)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and not counters["graph_break"]  # the masked training forward: one graph
+    g = torch.Generator().manual_seed(1)
+    loader = [(torch.randn(5, 3, SIZE, SIZE, generator=g), targets[:5]), (images, targets)]  # two batch sizes
+    macs = profile_macs(step.model, (SIZE, SIZE))
+    record = evaluate(step.model, loader, macs, torch.device("cpu"), step.autocast,
+                      skip_strategy=step.profile.eval_skip_strategy)
+    assert record["images"] == BATCH + 5
+    terms, applied = step(images, targets)
+    assert applied
+    # Before: the skip path was traced in evaluation (a break at every nonzero(), a graph per
+    # batch size): 12 more graphs here, 22 breaks and the recompile limit on ResNet-50.
+    assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+    assert not counters["recompiles"]

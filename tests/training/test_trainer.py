@@ -1,9 +1,9 @@
-"""spnet-train end to end in one process: the real entry point on the real digits data."""
+"""spnet-train end to end in one process: the real entry point on the real digits data, under this
+machine's device profile and under the CUDA profile emulated on the CPU (``device_profile``)."""
 import json
 import math
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +12,29 @@ from spnet_dist import distributed as D
 from spnet_dist import training
 from spnet_dist.config import load_config
 from spnet_dist.data import build_datasets, build_eval_loader
+from spnet_dist.device_profile import PROFILE_ENV
+from spnet_dist.execution import execution_plan
+from spnet_dist.export import eval_model
+from spnet_dist.export.writer import cli as export_cli
 from spnet_dist.flops import profile_macs
 from spnet_dist.losses import logits_loss, path_loss
 from spnet_dist.models.from_config import build_model
+from spnet_dist.training import trainer as trainer_module
+from spnet_dist.training.signals import EXIT_PREEMPTED
 
 from ..conftest import REPO_ROOT, tiny_overrides
 from ..dist_helpers import assert_evaluation_matches, hand_evaluation
+from ..resume_hooks import interruptions
 
 pytestmark = pytest.mark.usefixtures("own_process_group")
 
 
 def test_cli_runs_and_writes_the_run_directory(digits_root, tmp_path, capsys):
+    # The CUDA profile's CLI run is test_one_rank_trains_resumes_exports_and_evaluates[cuda-on-cpu-1].
     out_dir = tmp_path / "run"
     training.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out_dir)])
     printed = capsys.readouterr().out
+    assert "device profile cpu: batches NCHW, teacher skip, evaluation gather" in printed
     assert "val top-1" in printed and "per-block rates" in printed  # the final table
     assert "step 2 " in printed and "\r" not in printed  # plain progress lines, no bar redraws
     assert (out_dir / "config.yaml").is_file()
@@ -198,14 +207,21 @@ def test_bad_config_fails_before_anything_is_created(tmp_path, capsys):
     assert not out_dir.exists()
 
 
-def test_an_existing_run_directory_is_never_overwritten_with_resume_never(tiny_config):
-    cfg = tiny_config("run.max_steps=2")
-    training.main(cfg)
-    out_dir = Path(cfg.run.out_dir)
+def test_an_existing_run_directory_is_never_overwritten_with_resume_never(digits_root, tmp_path, capsys):
+    # Was a FileExistsError traceback (exit 1): now one line naming the field, exit 2, nothing written.
+    out_dir = tmp_path / "run"
+    args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out_dir),
+            "run.max_steps=2"]
+    training.cli(args)
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # left by the first run's 1-rank group
+        os.environ.pop(var, None)
     before = {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()}
-    cfg.run.resume = "never"
-    with pytest.raises(FileExistsError, match="run.out_dir"):
-        training.main(cfg)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        training.cli([*args, "run.resume=never"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: run.out_dir: ") and "already holds a run" in err and "run.resume" in err
     assert {p.name: p.read_bytes() for p in out_dir.iterdir() if p.is_file()} == before
 
 
@@ -277,3 +293,102 @@ def test_a_stop_requested_during_set_up_is_honoured_at_the_first_check(tiny_conf
         assert signal.getsignal(signal.SIGTERM) is recorder  # put back at the end of fit()
     finally:
         signal.signal(signal.SIGTERM, submitits)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 19: the device profile end to end (findings 1 and 8, acceptance 2, bad device input)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+# One ZeRO stage per profile keeps the default run's time (ZeRO 2 runs in test_trainer_distributed.py;
+# channels_last at every stage is tested per step in test_step.py).
+@pytest.mark.parametrize("device_profile, stage", [("cpu", 0), ("cuda-on-cpu", 1)], indirect=["device_profile"])
+def test_one_rank_trains_resumes_exports_and_evaluates(digits_root, tmp_path, capsys, device_profile, stage):
+    # Acceptance 2 on one rank: channels_last asked for explicitly on the CPU, by default in the CUDA
+    # profile. Before, deepspeed.initialize crashed in _broadcast_model ("stride(-1) must be 1").
+    out = tmp_path / "run"
+    layout = ["engine.channels_last=true"] if device_profile == "cpu" else []
+    args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out), *layout,
+            f"engine.zero_stage={stage}", "run.tensorboard=false", "run.stop_check_every=1"]
+    with interruptions(signal_step=3), pytest.raises(SystemExit) as stopped:  # SLURM's warning after step 3
+        training.cli(args)
+    assert stopped.value.code == EXIT_PREEMPTED
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # left by the first attempt's 1-rank group
+        os.environ.pop(var, None)
+    training.cli(args)  # the requeued attempt: resumes mid-epoch from step 3
+    printed = capsys.readouterr().out
+    assert "resumed from step_00000003" in printed
+    assert ("device profile cuda (emulated on cpu): batches NHWC, teacher masked, evaluation capacity"
+            if device_profile == "cuda-on-cpu" else "device profile cpu: batches NHWC") in printed
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 6
+
+    export_cli(["--run", str(out), "--out", str(tmp_path / "export")])
+    eval_model.cli(["--model", str(tmp_path / "export"), "--data", str(digits_root), "--device", "cpu",
+                    "--out", str(tmp_path / "report")])
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    for key in ("top1", "gmacs", "exec_rates", "images"):  # spnet-eval reproduces the trainer's evaluation
+        assert report[key] == record[key], key
+
+
+@pytest.mark.parametrize("device_profile, backend", [("cpu", "torchvision"), ("cuda-on-cpu", "torchvision"),
+                                                     ("cuda-on-cpu", "dali")], indirect=["device_profile"])
+def test_batches_arrive_in_the_profiles_layout_and_the_step_does_not_convert_them(tiny_config, device_profile,
+                                                                                   backend):
+    # Finding 8: the loaders got the raw engine.channels_last (null) and emitted NCHW, so every step
+    # of a CUDA run converted the batch. Now both backends emit the profile's layout, train and val.
+    trainer = training.Trainer(tiny_config(f"data.backend={backend}"))
+    nhwc = device_profile == "cuda-on-cpu"
+    assert trainer.profile.channels_last == nhwc
+    for loader in (trainer.train_loader, trainer.val_loader):
+        images, _ = next(iter(loader))
+        assert images.is_contiguous(memory_format=torch.channels_last) == nhwc
+        assert images.is_contiguous() != nhwc
+    seen = []
+    hook = trainer.model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images, targets = next(iter(trainer.train_loader))
+    trainer.train_step(images, targets)
+    hook.remove()
+    assert seen[0].data_ptr() == images.data_ptr()  # the step fed the batch as it came: no conversion
+
+
+def test_the_trainer_uses_the_resolved_profile_not_the_raw_fields(tiny_config, monkeypatch):
+    # One resolution: change every device-dependent field right after it was resolved; a consumer
+    # that read a raw field (or resolved again) would follow the change.
+    real = trainer_module.resolve_device_profile
+
+    def resolve_then_change(cfg, *args, **kwargs):
+        profile = real(cfg, *args, **kwargs)
+        cfg.engine.channels_last = not profile.channels_last
+        cfg.teacher.execution = "masked" if profile.teacher_execution == "skip" else "skip"
+        cfg.engine.backend = "nccl"  # would fail on this CPU
+        cfg.data.dali_device = "gpu"  # would fail with DALI on this CPU
+        return profile
+
+    monkeypatch.setattr(trainer_module, "resolve_device_profile", resolve_then_change)
+    trainer = training.Trainer(tiny_config("teacher.forward_mode=eval", "data.backend=dali"))
+    assert (trainer.profile.channels_last, trainer.profile.teacher_execution) == (False, "skip")
+    assert trainer.step_fn.profile is trainer.profile and trainer.step_fn.memory_format == torch.contiguous_format
+    assert execution_plan(trainer.teacher.module).mode == "skip"
+    images, targets = next(iter(trainer.train_loader))
+    assert images.is_contiguous()
+    assert trainer.train_step(images, targets)[1]
+
+
+def test_sync_bn_on_a_cpu_is_one_line_before_any_process_group_or_file(tmp_path, capsys, monkeypatch):
+    # Was a ValueError traceback after config.yaml, data_files.json and tensorboard/ were written.
+    groups = []
+    monkeypatch.setattr(D, "init_distributed", lambda *a, **k: groups.append(a))
+    out_dir = tmp_path / "never"
+    with pytest.raises(SystemExit) as exc:
+        training.cli(["--config", str(REPO_ROOT / "configs" / "demo.yaml"), "model.sync_bn=true",
+                      f"run.out_dir={out_dir}"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == "error: model.sync_bn: SyncBatchNorm needs CUDA devices; set model.sync_bn=false (this rank computes on cpu)"
+    assert not out_dir.exists() and groups == []
+    # The CUDA profile accepts it (on a CPU it cannot be applied: BatchNorm stays plain).
+    monkeypatch.setenv(PROFILE_ENV, "cuda")
+    assert trainer_module.resolve_device_profile(load_config(REPO_ROOT / "configs" / "demo.yaml", ["model.sync_bn=true"],
+                                                             check_paths=False)).sync_bn

@@ -29,12 +29,14 @@ def _job(digits_root, out_dir, *overrides):
 
 
 @pytest.mark.parametrize(
-    "teacher",
-    [("teacher.forward_mode=eval", "teacher.buffers=copy"),  # the paper's teacher (default)
-     ("teacher.forward_mode=train", "teacher.buffers=ema")],  # official code: BN stats drift per rank
-    ids=["eval-copy", "train-ema"],
+    "teacher, device_profile",
+    # the paper's teacher (default) as a CUDA rank runs it (masked), under the CUDA profile
+    [(("teacher.forward_mode=eval", "teacher.buffers=copy"), "cuda-on-cpu"),
+     (("teacher.forward_mode=train", "teacher.buffers=ema"), "cpu")],  # official code: BN stats drift per rank
+    ids=["eval-copy", "train-ema"], indirect=["device_profile"],
 )
-def test_two_ranks_zero2_teacher_bit_identical_and_eval_matches_a_hand_evaluation(digits_root, tmp_path, teacher):
+def test_two_ranks_zero2_teacher_bit_identical_and_eval_matches_a_hand_evaluation(digits_root, tmp_path, teacher,
+                                                                                  device_profile):
     out = tmp_path / "job"
     run_torchrun(WORKERS / "spnet_job.py", 2,
                  ["fit", *_job(digits_root, out, "engine.zero_stage=2", "run.max_steps=20", *teacher)],
@@ -131,3 +133,24 @@ def test_a_rank_0_set_up_failure_ends_every_rank_with_the_same_error(digits_root
     expected = error.format(out=out, root=digits_root)
     lines = sorted(set(re.findall(r"rank (\d) error: (.*)", done.stdout)))
     assert lines == [("0", expected), ("1", expected)], done.stdout[-4000:]
+
+
+@pytest.mark.parametrize("device_profile", ["cuda-on-cpu"], indirect=True)
+def test_two_ranks_zero2_channels_last_trains_and_resumes(digits_root, tmp_path, device_profile):
+    # Issue 19, acceptance 2 on 2 torchrun ranks at ZeRO 2, under the CUDA profile (the 2-rank runs
+    # under the CPU profile are the tests above and tests/training/test_resume_distributed.py).
+    # Before, both ranks crashed in deepspeed.initialize (_broadcast_model: "stride(-1) must be 1
+    # to view Float as Byte").
+    out = tmp_path / "run"
+    overrides = [*tiny_overrides(digits_root, out), "engine.channels_last=true", "engine.zero_stage=2",
+                 "run.tensorboard=false", "run.stop_check_every=1"]
+    job = [str(WORKERS / "resume_job.py"), "--config", DEMO]
+    # SIGUSR2 reaches rank 1 after step 3: both ranks save step 3 and stop (exit 75).
+    stopped = run_torchrun(job[0], 2, [*job[1:], "--signal-step", "3", "--rank", "1", *overrides],
+                           timeout=600, check=False)
+    assert stopped.returncode != 0 and stopped.stdout.count("stopped by SIGUSR2") == 2, stopped.stdout[-4000:]
+    resumed = run_torchrun(job[0], 2, [*job[1:], *overrides], timeout=600)
+    assert "emulated on cpu): batches NHWC" in resumed.stdout and "step_00000003" in resumed.stdout, \
+        resumed.stdout[-4000:]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 6 and record["images"] == 360  # the final evaluation, on both ranks' shards
