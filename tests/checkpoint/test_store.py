@@ -5,6 +5,7 @@ import os
 import pytest
 
 from spnet_dist import checkpoint as C
+from spnet_dist.checkpoint.layout import trash_dir_name
 
 from .helpers import fake_checkpoint as _fake_checkpoint
 
@@ -138,3 +139,24 @@ def test_an_alias_update_replaces_a_dangling_temporary_link(tmp_path):
     os.symlink("step_gone", ckpt / f".best.tmp{os.getpid()}")
     C.point_alias(ckpt, "best", tag)
     assert os.readlink(ckpt / "best") == tag and not (ckpt / f".best.tmp{os.getpid()}").is_symlink()
+
+
+def test_a_zero_checkpoint_without_its_model_states_is_refused(tmp_path):
+    """ZeRO 1/2 add the optimizer shards to the required files; the model states stay required."""
+    path = _fake_checkpoint(tmp_path / "checkpoints", 2, world_size=2, zero_stage=1)
+    marker = json.loads((path / C.MARKER).read_text())
+    del marker["files"][C.MODEL_STATES]
+    (path / C.MARKER).write_text(json.dumps(marker))
+    (path / C.MODEL_STATES).unlink()
+    with pytest.raises(C.CheckpointError, match=C.MODEL_STATES):
+        C.validate_checkpoint(path)
+
+
+def test_a_moved_aside_checkpoint_whose_replacement_was_sealed_is_removed(tmp_path):
+    """Killed between sealing the replacement and deleting the old copy: the sealed one stays."""
+    ckpt = tmp_path / "checkpoints"
+    path = _fake_checkpoint(ckpt, 2, payload=b"new")
+    (ckpt / trash_dir_name(path.name)).mkdir()
+    assert C.remove_leftovers(ckpt) == [trash_dir_name(path.name)]
+    C.validate_checkpoint(path)
+    assert (path / C.MODEL_STATES).read_bytes() == b"new" * 100
