@@ -97,7 +97,6 @@ class EMATeacher:
         self._cast = False
 
     # ------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """θ^t ← m·θ^t + (1 − m)·θ^d (eq. 5), then the buffer rule. Call once per optimizer step.
 
@@ -109,18 +108,21 @@ class EMATeacher:
             student: the same plain module the teacher was built from (any dtype or device; its
                 values are cast to the teacher's dtype and device before the update).
         """
-        if student is not self._bound_to:
-            self._bind(student)
-        weight = 1.0 - self.momentum
-        lerp_t, lerp_s = self._lerp_pairs
-        copy_t, copy_s = self._copy_pairs
-        if self._cast:  # a half-precision or other-device student: cast into the teacher's dtype
-            lerp_s = [s.to(device=t.device, dtype=t.dtype) for s, t in zip(lerp_s, lerp_t)]
-            copy_s = [s.to(device=t.device, dtype=t.dtype) for s, t in zip(copy_s, copy_t)]
-        if lerp_t:
-            torch._foreach_lerp_(lerp_t, lerp_s, weight)
-        if copy_t:
-            torch._foreach_copy_(copy_t, copy_s)
+        # A with-block, not a @torch.no_grad() decorator: mutmut does not mutate decorated
+        # functions (docs/mutation.md), and this update is one it must reach.
+        with torch.no_grad():
+            if student is not self._bound_to:
+                self._bind(student)
+            weight = 1.0 - self.momentum
+            lerp_t, lerp_s = self._lerp_pairs
+            copy_t, copy_s = self._copy_pairs
+            if self._cast:  # a half-precision or other-device student: cast into the teacher's dtype
+                lerp_s = [s.to(device=t.device, dtype=t.dtype) for s, t in zip(lerp_s, lerp_t)]
+                copy_s = [s.to(device=t.device, dtype=t.dtype) for s, t in zip(copy_s, copy_t)]
+            if lerp_t:
+                torch._foreach_lerp_(lerp_t, lerp_s, weight)
+            if copy_t:
+                torch._foreach_copy_(copy_t, copy_s)
         self.num_updates += 1
 
     def _bind(self, student: nn.Module) -> None:

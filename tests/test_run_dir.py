@@ -59,3 +59,21 @@ def test_appending_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
     run.append_metrics({"epoch": 2})
     assert run.read_metrics() == [{"epoch": 1}, {"epoch": 2}]
     assert run.last_metrics() is not None and RunDirectory(tmp_path / "none").last_metrics() is None
+
+
+def test_truncate_metrics_keeps_exactly_what_the_checkpoint_saw(tmp_path):
+    """A record is kept when both its epoch and its step are at most the checkpoint's: a mid-epoch
+    checkpoint at step 25 keeps the record of step 25 and drops a later one of the same epoch;
+    records of older versions without the keys count as (0, 0)."""
+    run = RunDirectory(tmp_path)
+    assert run.truncate_metrics(epoch=1, step=1) == 0  # no metrics.jsonl yet
+    records = [{"top1": 1.0}, {"epoch": 2, "step": 25}, {"epoch": 2, "step": 30}, {"epoch": 3, "step": 20}]
+    _write(run, "".join(json.dumps(r) + "\n" for r in records))
+    assert run.truncate_metrics(epoch=2, step=25) == 2
+    assert run.read_metrics() == records[:2]
+
+
+def test_last_metrics_is_the_newest_of_many(tmp_path):
+    run = RunDirectory(tmp_path)
+    _write(run, "".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+    assert run.last_metrics() == {"epoch": 3}

@@ -298,9 +298,24 @@ def test_update_from_a_different_module_raises():
     teacher = EMATeacher(make_student(), momentum=0.5)
     wrapped = nn.Sequential()
     wrapped.add_module("module", make_student())  # names gain a "module." prefix, like DDP
-    with pytest.raises(ValueError, match="plain module"):
+    with pytest.raises(ValueError, match="plain module") as err:
         teacher.update(wrapped)
+    assert "student parameters" in str(err.value) and "'0.weight'" in str(err.value)  # names what differs
     assert teacher.num_updates == 0
+
+
+def test_keyword_arguments_reach_the_teachers_module():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, scale=1.0):
+            return self.lin(x) * scale
+
+    teacher = EMATeacher(Scaled(), momentum=0.5)
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(teacher(x, scale=3.0), 3.0 * teacher(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -153,9 +153,18 @@ def prune(ckpt_dir: Path, keep: int) -> list[str]:
 
 
 def remove_leftovers(ckpt_dir: Path) -> list[str]:
-    """Remove ``.tmp-*`` / ``.trash-*`` directories a killed save left behind (rank 0, at start)."""
+    """Remove ``.tmp-*`` / ``.trash-*`` directories a killed save left behind (rank 0, at start).
+
+    A ``.trash-<tag>`` without its ``<tag>`` is a sealed checkpoint that :func:`publish` had moved
+    aside to replace it and was killed before the new one took its name: it is put back, not
+    removed (the previous checkpoints stay intact whenever the kill comes).
+    """
     removed = []
     if ckpt_dir.is_dir():
+        for path in ckpt_dir.iterdir():
+            tag = path.name[len(trash_dir_name("")):]
+            if path.name == trash_dir_name(tag) and step_of(tag) is not None and not (ckpt_dir / tag).exists():
+                os.rename(path, ckpt_dir / tag)
         for path in ckpt_dir.iterdir():
             if is_leftover(path.name) and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)

@@ -14,7 +14,7 @@ import torch
 
 from spnet_dist import checkpoint as C
 from spnet_dist import distributed as D
-from spnet_dist.checkpoint.safe_load import DEEPSPEED_GLOBALS, load
+from spnet_dist.checkpoint.safe_load import DEEPSPEED_GLOBALS, _allowed, load
 from spnet_dist.config import load_config
 
 from ..conftest import REPO_ROOT, tiny_overrides
@@ -91,6 +91,15 @@ def test_a_foreign_global_is_refused_in_one_line_naming_file_and_global(tmp_path
 def test_the_allow_list_names_deepspeed_classes_only():
     assert all(name.startswith("deepspeed.") for name in DEEPSPEED_GLOBALS)
     assert len(DEEPSPEED_GLOBALS) == 3
+    # ... and resolves to those very classes (what torch's safe_globals is given)
+    assert [f"{g.__module__}.{g.__qualname__}" for g in _allowed()] == list(DEEPSPEED_GLOBALS)
+
+
+def test_load_maps_onto_the_device_asked_for(tmp_path):
+    """Rank i of a GPU job loads onto its own device, not the one the file was saved from."""
+    path = tmp_path / "w.pt"
+    torch.save({"w": torch.ones(2)}, path)
+    assert load(path, map_location="meta")["w"].is_meta
 
 
 def test_the_guard_catches_deepspeeds_own_loader(tmp_path):

@@ -1,9 +1,11 @@
 """spnet_dist.checkpoint.store: sealing, the one validator + resolver, aliases, pruning, leftovers."""
 import json
+import os
 
 import pytest
 
 from spnet_dist import checkpoint as C
+from spnet_dist.checkpoint.layout import trash_dir_name
 
 from .helpers import fake_checkpoint as _fake_checkpoint
 
@@ -117,3 +119,44 @@ def test_latest_pointing_past_the_newest_valid_checkpoint_is_named(tmp_path):
         assert C.resolve_checkpoint(tmp_path).name == "step_00000001"
     assert [str(w.message).split(";")[0].rsplit("/", 1)[-1] for w in caught] == [
         "step_00000002: incomplete (no complete.json", "latest names step_00000002, which is not a valid checkpoint"]
+
+
+def test_prune_never_removes_the_checkpoint_latest_names(tmp_path):
+    """`latest` can name an older step than the newest directories (a save published its directory
+    but was killed before pointing `latest`): the resume target survives any prune."""
+    ckpt = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        _fake_checkpoint(ckpt, step)
+    (ckpt / C.LATEST).write_text("step_00000002")
+    assert C.prune(ckpt, keep=1) == ["step_00000004"]
+    assert (ckpt / "step_00000002").is_dir()
+
+
+def test_an_alias_update_replaces_a_dangling_temporary_link(tmp_path):
+    """A killed alias update leaves `.best.tmp<pid>` behind; a later process with that pid still points the alias."""
+    ckpt = tmp_path / "checkpoints"
+    tag = _fake_checkpoint(ckpt, 2).name
+    os.symlink("step_gone", ckpt / f".best.tmp{os.getpid()}")
+    C.point_alias(ckpt, "best", tag)
+    assert os.readlink(ckpt / "best") == tag and not (ckpt / f".best.tmp{os.getpid()}").is_symlink()
+
+
+def test_a_zero_checkpoint_without_its_model_states_is_refused(tmp_path):
+    """ZeRO 1/2 add the optimizer shards to the required files; the model states stay required."""
+    path = _fake_checkpoint(tmp_path / "checkpoints", 2, world_size=2, zero_stage=1)
+    marker = json.loads((path / C.MARKER).read_text())
+    del marker["files"][C.MODEL_STATES]
+    (path / C.MARKER).write_text(json.dumps(marker))
+    (path / C.MODEL_STATES).unlink()
+    with pytest.raises(C.CheckpointError, match=C.MODEL_STATES):
+        C.validate_checkpoint(path)
+
+
+def test_a_moved_aside_checkpoint_whose_replacement_was_sealed_is_removed(tmp_path):
+    """Killed between sealing the replacement and deleting the old copy: the sealed one stays."""
+    ckpt = tmp_path / "checkpoints"
+    path = _fake_checkpoint(ckpt, 2, payload=b"new")
+    (ckpt / trash_dir_name(path.name)).mkdir()
+    assert C.remove_leftovers(ckpt) == [trash_dir_name(path.name)]
+    C.validate_checkpoint(path)
+    assert (path / C.MODEL_STATES).read_bytes() == b"new" * 100

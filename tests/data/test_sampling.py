@@ -123,3 +123,57 @@ def test_bad_data_messages_and_bookkeeping(caplog):
         note_skipped(["/d/a.jpg", "/d/b.jpg", "/d/a.jpg"], skipped, rank=1)
         note_skipped(["/d/a.jpg"], skipped, rank=1)
     assert skipped == ["/d/a.jpg", "/d/b.jpg"] and caplog.text.count("rank 1: skipping undecodable image") == 2
+    assert "skipping undecodable image /d/b.jpg" in caplog.text
+
+
+def test_the_seed_function_never_changes():
+    """mix_seed is part of the checkpoint format: a run resumed after an upgrade must draw the same
+    crops, flips and order as before it. These values were computed once; never update them."""
+    assert mix_seed(1, 2, 3) == 12137764019763327488
+    assert mix_seed(0) == 5153396120588991192
+    assert mix_seed(2**64 - 1, 5) == 2221673461379565525
+    assert (sample_seed(7, 1, 5), worker_seed(7, 1, 0), segment_seed(7, 1, 2, 3)) == (
+        14394314275142938694, 9758595369756947117, 420326103)
+
+
+def test_every_seed_depends_on_the_run_seed():
+    """Two runs of a seed sweep must not augment (or start their workers and DALI pipelines) alike."""
+    assert sample_seed(1, 0, 0) != sample_seed(2, 0, 0)
+    assert worker_seed(1, 0, 0) != worker_seed(2, 0, 0)
+    assert segment_seed(1, 0, 0, 0) != segment_seed(2, 0, 0, 0)
+
+
+def test_a_new_loader_starts_at_the_first_batch_and_set_epoch_moves_there():
+    loader = ShardedTrainLoader(12, 4)
+    assert (loader.epoch, loader.batches_seen) == (0, 0)
+    loader.batches_seen = 2
+    loader.set_epoch(3)
+    assert (loader.epoch, loader.batches_seen) == (3, 0)
+
+
+def test_the_smallest_legal_shapes_are_accepted():
+    """A micro-batch of 1, and a shard of exactly one batch, are legal."""
+    assert len(ShardedTrainLoader(10, 1)) == 10
+    assert len(ShardedTrainLoader(8, 4, rank=1, world_size=2)) == 1
+    assert len(ShardedEvalLoader(3, 1)) == 3 and ShardedEvalLoader(3, 1).skipped == []
+
+
+def test_a_state_with_the_position_keys_only_restores_in_the_current_geometry():
+    """States of older versions hold only POSITION_KEYS: the loader's own geometry is assumed."""
+    loader = ShardedTrainLoader(40, 4, rank=1, world_size=2, seed=0)
+    assert loader.restore_position({"epoch": 2, "batches_seen": 3, "seed": 5}) is True
+    assert (loader.epoch, loader.batches_seen, loader.seed, loader.skipped) == (2, 3, 5, [])
+
+
+def test_a_changed_data_set_is_a_geometry_change(caplog):
+    """Same ranks and micro-batch, more images: the order is regenerated, not continued."""
+    old = ShardedTrainLoader(40, 4, rank=0, world_size=2, seed=3)
+    old.batches_seen = 2
+    grown = ShardedTrainLoader(48, 4, rank=0, world_size=2, seed=3)
+    with caplog.at_level(logging.WARNING, logger="spnet_dist.data.sampling"):
+        assert grown.restore_position(old.state_dict()) is False
+    assert "40 images -> 2 x 4 over 48" in caplog.text and grown.batches_seen == 2
+
+
+def test_bad_data_messages_name_the_file():
+    assert str(corrupt_image_error(["/d/a.jpg"])).startswith("cannot decode /d/a.jpg (data.on_corrupt=error")

@@ -2,6 +2,7 @@
 the labels each rank trains on per epoch and evaluates, as JSON, for tests/data/test_dali_distributed.py."""
 import argparse
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -24,7 +25,8 @@ def main() -> None:
                                 eval_batch_size=4, backend=a.backend, dali_device="cpu", on_corrupt="error")
     train, val = build_loaders(cfg, 4, info.rank, info.world_size, seed=11,
                                listing_path=Path(a.out) / "data_files.json")
-    record = {"steps": len(train), "epochs": [], "val": []}
+    record = {"steps": len(train), "epochs": [], "val": [], "rank": info.rank,
+              "env_local_rank": int(os.environ["LOCAL_RANK"])}
     for epoch in range(a.epochs):
         train.set_epoch(epoch)
         record["epochs"].append([[int(y) for y in labels] for _, labels in train])
