@@ -47,10 +47,10 @@ def interruptions(signal_step: Optional[int] = None, signum: int = signal.SIGUSR
                     os.kill(os.getpid(), signal.SIGSTOP)
             return terms, stepped
 
-        def evaluate(self):
+        def evaluate(self, *args, **kwargs):
             if mine and self.state.epoch == eval_epoch:
                 os.kill(os.getpid(), signum)
-            return original_eval(self)
+            return original_eval(self, *args, **kwargs)
 
         def sha256(path):
             if mine and C.step_tag(kill_in_save_step) in str(path):
