@@ -296,7 +296,8 @@ class RunConfig:
         "losses (one all-reduce of two integers and one host sync per check)", default=10)
     path_probe_size: int = _help(
         "path stability: the first N validation images whose execution paths (eval mode, paper's rule) "
-        "are snapshot into run.out_dir/paths.jsonl; 0 disables the snapshots", default=1000)
+        "are snapshot into run.out_dir/paths.jsonl; 0 (default) disables the snapshots (configs/fashion "
+        "sets 1000)", default=0)
     path_snapshot_every: int | None = _help(
         "optimizer steps between path snapshots; null = 4 per epoch", default=None)
 

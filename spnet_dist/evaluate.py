@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .execution import ExecutionPlan, execution_plan, reset_execution, set_execution
+from .execution import execution_plan, restore_execution, set_execution
 from .flops import MacProfile, paper_units
 from .models.resnet import GatedResNet
 
@@ -196,10 +196,7 @@ def _evaluate_pass(model: GatedResNet, loader: Iterable[tuple[Tensor, Tensor]], 
             if on_batch is not None:
                 on_batch(out)
     finally:
-        if before == ExecutionPlan():
-            reset_execution(model)
-        else:
-            set_execution(model, before.mode, skip_strategy=before.skip_strategy)
+        restore_execution(model, before)
         model.train(was_training)
         model.set_gate_threshold(saved)
     _all_reduce_sum_(counts)

@@ -17,8 +17,8 @@ their function:
 """
 from .blocks import PoolingRouter, SkippingBlock, gather_samples, scatter_samples_, skip_capacity
 from .fuse import FoldedBatchNorm, PointwiseConv, optimize_for_inference
-from .network import (InferenceResNet, count_per_image_stages, execution_plan, reset_execution, set_execution,
-                      skip_capacities)
+from .network import (InferenceResNet, count_per_image_stages, execution_plan, reset_execution, restore_execution,
+                      set_execution, skip_capacities)
 from .plan import (EXECUTION_MODES, PER_IMAGE_STAGES, SKIP_STRATEGIES, ExecutionPlan, check_execution,
                    check_per_image_stages, check_skip_strategy, resolve_skip_strategy)
 
@@ -40,6 +40,7 @@ __all__ = [
     "gather_samples",
     "optimize_for_inference",
     "reset_execution",
+    "restore_execution",
     "resolve_skip_strategy",
     "scatter_samples_",
     "set_execution",

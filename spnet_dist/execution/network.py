@@ -331,6 +331,13 @@ def reset_execution(model: GatedResNet) -> GatedResNet:
     return _apply(model, DEFAULT_PLAN)
 
 
+def restore_execution(model: GatedResNet, plan: ExecutionPlan) -> GatedResNet:
+    """Put back a plan taken with :func:`execution_plan` exactly (the plain model for the default
+    plan): a compiled training graph's guards see the same classes and attributes again, so a
+    temporary switch (evaluation, path snapshots) does not recompile it."""
+    return _apply(model, plan)
+
+
 def _apply(model: GatedResNet, plan: ExecutionPlan) -> GatedResNet:
     switched = plan != DEFAULT_PLAN
     for block in model.gated_blocks():

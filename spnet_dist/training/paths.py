@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from ..execution import set_execution
+from ..execution import execution_plan, restore_execution, set_execution
 from ..models.resnet import GatedResNet
 from .. import distributed as D
 from ..run_dir import RunDirectory, read_jsonl
@@ -105,7 +105,7 @@ class PathProbe:
     @torch.no_grad()
     def _decisions(self, model: GatedResNet) -> Tensor:
         """(images, B) decisions of every probe image (all ranks' rows, in the split's order)."""
-        was_training, saved = model.training, model.gate_threshold
+        was_training, saved, before = model.training, model.gate_threshold, execution_plan(model)
         model.eval()
         model.set_gate_threshold(0.0)  # the paper's rule, whatever the calibration did
         set_execution(model, self.execution)
@@ -120,7 +120,7 @@ class PathProbe:
                 rows[index, :-1] = torch.cat(mine)
                 rows[index, -1] = 1
         finally:
-            set_execution(model, "masked")
+            restore_execution(model, before)  # exactly as it was: no recompilation of a compiled student
             model.set_gate_threshold(saved)
             model.train(was_training)
         if self.world_size > 1:

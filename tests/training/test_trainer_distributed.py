@@ -55,6 +55,7 @@ def test_two_ranks_zero2_teacher_bit_identical_and_eval_matches_a_hand_evaluatio
     cfg = load_config(DEMO, tiny_overrides(digits_root, out / "run"))
     model = build_model(cfg)
     model.load_state_dict(s0)
+    model.set_gate_threshold(record["gate_threshold"])  # the calibrated rule the record was evaluated with
     _, val_set = build_datasets(cfg.data)
     images, targets = (torch.cat(parts) for parts in zip(*build_eval_loader(val_set, 1000)))
     assert_evaluation_matches(record, hand_evaluation(model, images, targets, profile_macs(model, (8, 8))))
