@@ -30,7 +30,7 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..config import Config
 from ..data import build_eval_loader
-from ..data.dali import DaliEvalLoader, DaliRecipe, dali_available, resolve_dali_device
+from ..data.dali import DaliEvalLoader, DaliRecipe, dali_available
 from ..data.datasets import JPEG_FOLDERS
 from ..data.folder import ImageFolderDataset
 from ..data.loaders import reader_options, resolve_data_backend
@@ -90,7 +90,7 @@ def run_loader_backend(config: dict[str, Any]) -> str:
 
 def build_loader(dataset: ImageFolderDataset, config: dict[str, Any], batch_size: int, device: torch.device,
                  loader: str = "auto", workers: Optional[int] = None,
-                 channels_last: bool = False) -> tuple[Loader, dict[str, Any]]:
+                 channels_last: bool = False, dali_device: str = "cpu") -> tuple[Loader, dict[str, Any]]:
     """This rank's evaluation loader, fed like training: DALI threads or DataLoader workers.
 
     Decoding JPEGs with PIL in the main process made spnet-eval's images/s the decoder's.
@@ -99,12 +99,13 @@ def build_loader(dataset: ImageFolderDataset, config: dict[str, Any], batch_size
         dataset: the image folder (:func:`open_folder`).
         config: the export's ``config.json``.
         batch_size: images per batch on this rank.
-        device: where the model runs (``cuda``: DALI decodes with ``mixed`` on it).
+        device: where the model runs.
         loader: ``auto`` (the backend the run evaluated with, so its numbers are reproduced),
             ``dali`` or ``torchvision``.
         workers: DALI threads or DataLoader worker processes; None: the run's ``data.num_workers``
             (at least 1).
         channels_last: DALI batches in channels-last memory (the model's layout).
+        dali_device: where DALI decodes (the device profile's ``dali_device_now``: ``gpu`` on CUDA).
 
     Returns:
         The loader and a description of it for the report.
@@ -127,7 +128,6 @@ def build_loader(dataset: ImageFolderDataset, config: dict[str, Any], batch_size
     if not dali_available():
         raise ExportError("--loader dali: nvidia.dali is not installed (use --loader torchvision)")
     pre = config["preprocessing"]
-    dali_device = resolve_dali_device("auto", device)
     samples = [(os.path.abspath(path), label) for path, label in dataset.samples]
     reader = reader_options(argparse.Namespace(**run_data))  # the run's network-filesystem settings
     return (DaliEvalLoader(samples, batch_size, rank, world, DaliRecipe(pre["recipe"], pre["image_size"], False),
@@ -196,7 +196,7 @@ def run_eval(model_dir: Path, data: Path, batch_size: int, device: torch.device,
     profile = profile_macs(model, (size, size))
     autocast = device_profile.autocast()
     batches, loader_info = build_loader(dataset, config, batch_size, device, loader, workers,
-                                        channels_last=not as_trained)
+                                        channels_last=not as_trained, dali_device=device_profile.dali_device_now)
     per_image = PerImageMacs(profile)
     timer = EvalTimer(device)
 
