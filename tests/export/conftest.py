@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from ..conftest import REPO_ROOT, tiny_overrides
+from ..conftest import CALIBRATED, REPO_ROOT, tiny_overrides
 from ..dist_helpers import WORKERS, run_torchrun
 
 DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
@@ -13,6 +13,22 @@ DEMO = str(REPO_ROOT / "configs" / "demo.yaml")
 def export_cli(*args):
     return subprocess.run([sys.executable, "-m", "spnet_dist.export", *map(str, args)],
                           capture_output=True, text=True, timeout=600, cwd=str(REPO_ROOT))
+
+
+def export_in_process(capsys, *args) -> subprocess.CompletedProcess:
+    """``spnet-export ARGS`` through its ``cli()`` in this process, as a CompletedProcess: for the
+    error cases, where a fresh interpreter (5-6 s of imports each) adds nothing the subprocess
+    cases do not already show (one line on stderr, exit status 2, no traceback)."""
+    from spnet_dist.export.writer import cli
+
+    capsys.readouterr()
+    try:
+        cli([str(a) for a in args])
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["spnet-export", *map(str, args)], code, out, err)
 
 
 def error_line(done) -> str:
@@ -31,7 +47,8 @@ def error_line(done) -> str:
 def zero2_run(tmp_path_factory, digits_root):
     run = tmp_path_factory.mktemp("zero2") / "run"
     run_torchrun(WORKERS / "checkpoint_job.py", 2,
-                 ["--config", DEMO, *tiny_overrides(digits_root, run), "engine.zero_stage=2", "run.max_steps=8"],
+                 ["--config", DEMO, *tiny_overrides(digits_root, run), CALIBRATED, "engine.zero_stage=2",
+                  "run.max_steps=8"],
                  timeout=1800)  # a shared 2-core machine can take 4x longer than idle
     return run
 

@@ -21,7 +21,7 @@ from spnet_dist.export.inference import load_model
 from ..conftest import tiny_overrides
 from ..dist_helpers import make_cfg
 from ..models.test_resnet import _randomize_bn
-from .conftest import DEMO, error_line as _error_line, export_cli as _export_cli
+from .conftest import DEMO, error_line as _error_line, export_cli as _export_cli, export_in_process
 
 TRAINING_ONLY = ("aux_heads.", "block_aligners.")
 
@@ -80,7 +80,9 @@ def test_export_holds_no_teacher_heads_or_optimizer_state(zero2_run, zero2_expor
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_export, tmp_path):
+def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_export, tmp_path, capsys):
+    """Each broken checkpoint through ``cli()`` in this process; the last case runs the real
+    ``python -m spnet_dist.export`` (a fresh process's stderr is that one line too)."""
     def broken_copy(name):
         run = tmp_path / name
         shutil.copytree(zero2_run, run, symlinks=True)
@@ -88,7 +90,7 @@ def test_bad_checkpoints_are_one_line_errors_and_write_nothing(zero2_run, zero2_
 
     def refused(run, pattern, *extra):
         out = tmp_path / f"out-{run.name}"
-        line = _error_line(_export_cli("--run", run, "--out", out, *extra))
+        line = _error_line(export_in_process(capsys, "--run", run, "--out", out, *extra))
         assert pattern in line, line
         assert not out.exists() and not list(tmp_path.glob(".out-*"))  # nothing half-written
 

@@ -22,7 +22,7 @@ from spnet_dist.models.from_config import build_model
 from spnet_dist.training import trainer as trainer_module
 from spnet_dist.training.signals import EXIT_PREEMPTED
 
-from ..conftest import REPO_ROOT, tiny_overrides
+from ..conftest import CALIBRATED, REPO_ROOT, tiny_overrides
 from ..dist_helpers import assert_evaluation_matches, hand_evaluation
 from ..resume_hooks import interruptions
 
@@ -65,7 +65,7 @@ def test_trainer_updates_teacher_once_per_optimizer_step(tiny_config):
 
 
 def test_eval_record_matches_a_hand_evaluation_of_the_weights(tiny_config):
-    cfg = tiny_config()
+    cfg = tiny_config(CALIBRATED)
     trainer = training.Trainer(cfg)
     record = trainer.fit()
     model = build_model(cfg)
@@ -309,8 +309,8 @@ def test_one_rank_trains_resumes_exports_and_evaluates(digits_root, tmp_path, ca
     # profile. Before, deepspeed.initialize crashed in _broadcast_model ("stride(-1) must be 1").
     out = tmp_path / "run"
     layout = ["engine.channels_last=true"] if device_profile == "cpu" else []
-    args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out), *layout,
-            f"engine.zero_stage={stage}", "run.tensorboard=false", "run.stop_check_every=1"]
+    args = ["--config", str(REPO_ROOT / "configs" / "demo.yaml"), *tiny_overrides(digits_root, out), CALIBRATED,
+            *layout, f"engine.zero_stage={stage}", "run.tensorboard=false", "run.stop_check_every=1"]
     with interruptions(signal_step=3), pytest.raises(SystemExit) as stopped:  # SLURM's warning after step 3
         training.cli(args)
     assert stopped.value.code == EXIT_PREEMPTED

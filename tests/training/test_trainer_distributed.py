@@ -14,7 +14,7 @@ from spnet_dist.flops import profile_macs
 from spnet_dist.models.from_config import build_model
 from spnet_dist.training.reproducibility import seed_everything
 
-from ..conftest import REPO_ROOT, tiny_overrides
+from ..conftest import CALIBRATED, REPO_ROOT, tiny_overrides
 from ..dist_helpers import (WORKERS, assert_evaluation_matches, free_port, hand_evaluation, run_command,
                            run_deepspeed, run_torchrun, run_torchrun_nodes)
 
@@ -39,7 +39,7 @@ def test_two_ranks_zero2_teacher_bit_identical_and_eval_matches_a_hand_evaluatio
                                                                                   device_profile):
     out = tmp_path / "job"
     run_torchrun(WORKERS / "spnet_job.py", 2,
-                 ["fit", *_job(digits_root, out, "engine.zero_stage=2", "run.max_steps=20", *teacher)],
+                 ["fit", *_job(digits_root, out, CALIBRATED, "engine.zero_stage=2", "run.max_steps=20", *teacher)],
                  timeout=600)
     t0, t1 = load_file(str(out / "teacher_rank0.safetensors")), load_file(str(out / "teacher_rank1.safetensors"))
     assert t0.keys() == t1.keys()
@@ -144,7 +144,7 @@ def test_two_ranks_zero2_channels_last_trains_and_resumes(digits_root, tmp_path,
     # Before, both ranks crashed in deepspeed.initialize (_broadcast_model: "stride(-1) must be 1
     # to view Float as Byte").
     out = tmp_path / "run"
-    overrides = [*tiny_overrides(digits_root, out), "engine.channels_last=true", "engine.zero_stage=2",
+    overrides = [*tiny_overrides(digits_root, out), CALIBRATED, "engine.channels_last=true", "engine.zero_stage=2",
                  "run.tensorboard=false", "run.stop_check_every=1"]
     job = [str(WORKERS / "resume_job.py"), "--config", DEMO]
     # SIGUSR2 reaches rank 1 after step 3: both ranks save step 3 and stop (exit 75).
