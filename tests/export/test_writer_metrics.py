@@ -59,6 +59,24 @@ def test_export_copies_the_last_of_several_evaluation_records(tiny_config, tmp_p
     assert list(execution_plan(load_model(out)).capacity_rates) == records[-1]["exec_rates"]
 
 
+@pytest.mark.parametrize("tag,expected_top1", [
+    ("step_00000015", 75.0),  # two records at step 15 (the step was evaluated again): the newest
+    ("step_00000010", 60.0),  # an earlier epoch-end checkpoint: its own evaluation, not the last one
+    ("step_00000012", 75.0),  # a mid-epoch checkpoint has no record of its own: the last one
+], ids=["newest-at-the-step", "earlier-checkpoint", "mid-epoch"])
+def test_the_record_exported_is_the_newest_at_the_checkpoints_step_else_the_last(tmp_path, tag, expected_top1):
+    """writer.record_of: which evaluation record an export of checkpoint ``tag`` carries (the test
+    above has one record per step, the last at the exported step, so it cannot tell the branches
+    apart: ``at_step[0]`` or ``records[0]`` there passed the fast suite)."""
+    from spnet_dist.export.writer import record_of
+
+    run = RunDirectory(tmp_path / "run")
+    run.root.mkdir()
+    for step, top1 in ((5, 50.0), (10, 60.0), (15, 70.0), (15, 75.0)):
+        run.append_metrics({"epoch": step // 5, "step": step, "top1": top1})
+    assert record_of(run.root, run.root / "checkpoints" / tag)["top1"] == expected_top1
+
+
 @pytest.mark.slow
 def test_a_real_run_of_three_evaluations_exports_the_last(tiny_config, own_process_group, tmp_path):
     """The trainer writes one record per epoch (3 here); the export of `final` carries the third."""
