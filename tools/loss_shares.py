@@ -1,9 +1,10 @@
 """Issue 20: each loss term's share of the total loss and of the routers' gradient.
 
 Is a term inert (L_evo at gamma = 1e-4, say), or does it steer the routers? For a checkpoint of a
-run this rebuilds the student and the EMA teacher, draws training batches (fixed seed, training
-augmentation, the student in train mode as in a training step), and per batch computes every term
-of the criterion and the gradient of each WEIGHTED term alone. It prints, averaged over batches:
+run this rebuilds the student and the EMA teacher, draws training batches (one seed fixes the
+batches, their augmentation, the Gumbel noise and the router dropout; the student is in train mode
+as in a training step), and per batch computes every term of the criterion and the gradient of
+each WEIGHTED term alone. It prints, averaged over batches:
 
 - ``loss share``: weight x term / total (the weighted terms sum to the total: checked);
 - ``router grad``: ||g_term|| / ||g_total|| over the routers' parameters (the gate MLPs);
@@ -31,9 +32,7 @@ from spnet_dist.data.torchvision_loader import build_train_loader
 from spnet_dist.losses import SPNetCriterion
 from spnet_dist.models.from_config import build_model
 from spnet_dist.teacher import EMATeacher
-
-ROUTER_KEY = ".router."  # the routers' parameters (as spnet-export's static form drops them)
-
+from spnet_dist.training.reproducibility import seed_everything
 
 def term_weights(criterion: SPNetCriterion) -> dict[str, float]:
     """The weight of each term in ``total`` (eq. 12): cls 1, path alpha, logits beta, evo gamma, cost w."""
@@ -59,14 +58,15 @@ def measure(run_dir: Path, tag: str = "final", batches: int = 10, seed: int = 0)
         teacher.module.load_state_dict(C.teacher_weights(ckpt))
     criterion = SPNetCriterion.from_config(cfg.loss, teacher_enabled=cfg.teacher.enabled)
     weights = term_weights(criterion)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
-    router = [i for i, n in enumerate(names) if ROUTER_KEY in n]
+    router_ids = {id(p) for block in model.gated_blocks() for p in block.router.parameters()}
+    router = [i for i, p in enumerate(params) if id(p) in router_ids]
     if not router:
-        raise ValueError(f"{run_dir}: the model has no parameters named '*{ROUTER_KEY}*'")
+        raise ValueError(f"{run_dir}: the model has no gated blocks (no router parameters)")
 
     train_set, _ = build_datasets(cfg.data)
     loader = build_train_loader(train_set, cfg.engine.global_batch_size, seed=seed)
+    seed_everything(seed)  # the train-mode forwards' Gumbel noise and router dropout
     sums: dict[str, dict[str, float]] = {}
     worst_residual = 0.0
     seen = 0
@@ -79,6 +79,8 @@ def measure(run_dir: Path, tag: str = "final", batches: int = 10, seed: int = 0)
         terms = criterion(student, targets, teacher_out)
         total_grads = torch.autograd.grad(terms["total"], params, retain_graph=True, allow_unused=True)
         total_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, total_grads)]
+        total = float(terms["total"].detach())
+        total_router_norm, total_norm = _norm([total_grads[i] for i in router]), _norm(total_grads)
         summed = [torch.zeros_like(p) for p in params]
         for name, value in terms.items():
             if name == "total":
@@ -92,10 +94,10 @@ def measure(run_dir: Path, tag: str = "final", batches: int = 10, seed: int = 0)
             for acc, g in zip(summed, grads):
                 acc += g
             row = sums.setdefault(name, {"loss share": 0.0, "router grad": 0.0, "all grad": 0.0})
-            row["loss share"] += float(weighted.detach()) / float(terms["total"].detach())
-            row["router grad"] += _norm([grads[i] for i in router]) / _norm([total_grads[i] for i in router])
-            row["all grad"] += _norm(grads) / _norm(total_grads)
-        residual = _norm([a - t for a, t in zip(summed, total_grads)]) / _norm(total_grads)
+            row["loss share"] += float(weighted.detach()) / total
+            row["router grad"] += _norm([grads[i] for i in router]) / total_router_norm
+            row["all grad"] += _norm(grads) / total_norm
+        residual = _norm([a - t for a, t in zip(summed, total_grads)]) / total_norm
         worst_residual = max(worst_residual, residual)
         seen += 1
     if seen == 0:
@@ -110,7 +112,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (config.yaml, checkpoints/)")
     parser.add_argument("--tag", default="final", help="checkpoint tag (default: final)")
     parser.add_argument("--batches", type=int, default=10, help="training batches to average over")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the batch order and augmentation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch order, augmentation, Gumbel noise and router dropout")
     parser.add_argument("--json", type=Path, help="also write the results as JSON lines here")
     args = parser.parse_args()
     results = [measure(run, args.tag, args.batches, args.seed) for run in args.runs]
