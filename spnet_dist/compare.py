@@ -10,7 +10,11 @@ accuracy-vs-achieved-MAC-ratio curves:
 (b) :func:`paired_difference`: method A − method B at common MAC ratios, each seed's A curve
     minus the same seed's B curve (same ``run.seed``: the pairing cancels initialisation and
     data-order noise), inside the overlap of both methods' achieved ranges over the paired
-    seeds, with the mean and a seeded percentile-bootstrap interval over seeds.
+    seeds, with the mean and a seeded percentile-bootstrap interval over seeds. A requested MAC
+    ratio just outside the overlap (at most ``SNAP`` = 0.03 from its nearest end, the tolerance
+    of the target table) is compared AT that end and labelled so: a run trained at t = 0.3 lands
+    at a MAC ratio of about 0.31 (the stem, routers and head always run), so "at 0.3" can only
+    mean "at the lowest cost every paired run reached". Further out there is no number.
 (c) :func:`selection_table`: the final epoch and the best-validation epoch side by side (test
     top-1 and MAC ratio of each), and best-on-test, labelled optimistic: it selects the epoch
     on the numbers it reports (what the official code prints).
@@ -44,6 +48,8 @@ line by :func:`load_records`); top-1 in percent, MAC ratio = dynamic / static MA
                          evaluation record), the share of (image, gated block) decisions that changed
     path_flips_chance    list[float], optional, same length: the share expected if each block's
                          decisions were independent draws at the two snapshots' execution rates
+    path_steps           list[int], optional, same length: the optimizer step of each interval's
+                         later snapshot
     final_exec_rate, exec_rate (validation), test_paper_rule_exec_rate, calibration_converged,
     variant, run_dir     optional: the target table and the path files
 
@@ -67,6 +73,9 @@ import numpy as np
 SELECTIONS = ("final", "best_val")
 SELECTION_TITLES = {"final": "final epoch", "best_val": "best-validation epoch"}
 DEFAULT_MAC_RATIOS = (0.3, 0.5, 0.7)
+# A requested MAC ratio at most this far outside the overlap is compared at the overlap's nearest end
+# (labelled); the same ±0.03 as the target table, so a target that holds is always comparable.
+SNAP = 0.03
 RESAMPLES = 10_000
 _REQUIRED = ("method", "target", "seed", "final_top1", "final_mac_ratio", "bestval_top1", "bestval_mac_ratio",
              "besttest_top1")
@@ -97,6 +106,7 @@ class RunRecord:
     besttest_top1: float
     path_flips: tuple[float, ...] = ()
     path_flips_chance: tuple[float, ...] = ()
+    path_steps: tuple[int, ...] = ()
     # optional (the target table and the path files): None when the record lacks them
     final_exec_rate: Optional[float] = None        # reported-split execution rate at the last epoch
     val_exec_rate: Optional[float] = None          # validation execution rate at the last epoch ("exec_rate")
@@ -138,14 +148,16 @@ def as_record(data: Mapping[str, Any] | RunRecord, where: str = "record") -> Run
     try:
         flips = tuple(float(v) for v in values.get("path_flips") or ())
         chance = tuple(float(v) for v in values.get("path_flips_chance") or ())
+        steps = tuple(int(v) for v in values.get("path_steps") or ())
         optional = {key: (None if values.get(name) is None else kind(values[name]))
                     for key, name, kind in _OPTIONAL}
         record = RunRecord(str(values["method"]), float(values["target"]), int(values["seed"]),
-                           *(float(values[k]) for k in _REQUIRED[3:]), flips, chance, **optional)
+                           *(float(values[k]) for k in _REQUIRED[3:]), flips, chance, steps, **optional)
     except (TypeError, ValueError) as err:
         raise CompareError(f"{where}: {err}") from None
-    if len(flips) != len(chance):
-        raise CompareError(f"{where}: path_flips has {len(flips)} values, path_flips_chance {len(chance)}")
+    if len(flips) != len(chance) or (steps and len(steps) != len(flips)):
+        raise CompareError(f"{where}: path_flips has {len(flips)} values, path_flips_chance {len(chance)}, "
+                           f"path_steps {len(steps)}")
     return record
 
 
@@ -272,6 +284,7 @@ class PairedDifference:
     level: float = 0.95
     overlap: tuple[float, float] = (math.nan, math.nan)
     message: Optional[str] = None
+    compared_at: Optional[float] = None    # where the curves were read: mac_ratio, or the overlap's nearest end
 
     @property
     def n(self) -> int:
@@ -287,15 +300,17 @@ def achieved_range(records: Sequence[RunRecord], method: str, seeds: Sequence[in
 
 def paired_difference(records: Iterable[Mapping[str, Any] | RunRecord], method_a: str, method_b: str,
                       mac_ratios: Sequence[float] = DEFAULT_MAC_RATIOS, selection: str = "final",
-                      resamples: int = RESAMPLES, level: float = 0.95, seed: int = 0) -> list[PairedDifference]:
+                      resamples: int = RESAMPLES, level: float = 0.95, seed: int = 0,
+                      snap: float = SNAP) -> list[PairedDifference]:
     """A − B (top-1 points) at each MAC ratio, per seed on the seeds both methods ran, then mean and interval.
 
     Each seed's difference is its A curve minus its B curve, both interpolated at the MAC ratio
     (:func:`interpolate`). A MAC ratio is compared only inside the overlap of both methods'
     achieved ranges (:func:`achieved_range` over the paired seeds: every seed of both methods
-    reaches it, nothing is extrapolated); outside, the result carries a ``message`` instead of
-    numbers. The interval is :func:`bootstrap_interval` over seeds (``seed`` seeds it); with one
-    seed there is a mean but no interval.
+    reaches it, nothing is extrapolated). One at most ``snap`` outside the overlap is compared at
+    the overlap's nearest end (``compared_at``, and a ``message`` saying so); further out, the
+    result carries a ``message`` instead of numbers. The interval is :func:`bootstrap_interval`
+    over seeds (``seed`` seeds it); with one seed there is a mean but no interval.
 
     Raises:
         CompareError: an unknown method, or no seed that both methods ran.
@@ -317,25 +332,31 @@ def paired_difference(records: Iterable[Mapping[str, Any] | RunRecord], method_a
     for x in mac_ratios:
         common = dict(method_a=method_a, method_b=method_b, selection=selection, mac_ratio=float(x), level=level,
                       overlap=(lo, hi))
-        if not lo <= x <= hi:
+        at = min(max(x, lo), hi)
+        if lo > hi or abs(at - x) > snap + 1e-12:
             where = "the overlap is empty" if lo > hi else f"the overlap is {lo:.3f}-{hi:.3f}"
             out.append(PairedDifference(**common, message=(
                 f"MAC ratio {x:g} is outside the overlap of the achieved ranges over seeds {seeds}: {method_a} "
                 f"{range_a[0]:.3f}-{range_a[1]:.3f}, {method_b} {range_b[0]:.3f}-{range_b[1]:.3f}; {where} "
                 f"(no extrapolation)")))
             continue
-        ya = [interpolate(curves[method_a, s], x) for s in seeds]
-        yb = [interpolate(curves[method_b, s], x) for s in seeds]
+        notes = []
+        if at != x:
+            end = "low" if at == lo else "high"
+            notes.append(f"compared at {at:.3f}, the overlap's {end} end ({abs(at - x):.3f} from {x:g}; "
+                         f"no extrapolation)")
+        ya = [interpolate(curves[method_a, s], at) for s in seeds]
+        yb = [interpolate(curves[method_b, s], at) for s in seeds]
         diffs = [a - b for a, b in zip(ya, yb)]
         low = high = None
-        message = None
         if len(diffs) > 1:
             low, high = bootstrap_interval(diffs, resamples, level, seed)
         else:
-            message = f"one paired seed ({seeds[0]}): no interval"
+            notes.append(f"one paired seed ({seeds[0]}): no interval")
         out.append(PairedDifference(**common, seeds=tuple(seeds), differences=tuple(diffs),
                                     top1_a=statistics.fmean(ya), top1_b=statistics.fmean(yb),
-                                    mean=statistics.fmean(diffs), sd=_sd(diffs), low=low, high=high, message=message))
+                                    mean=statistics.fmean(diffs), sd=_sd(diffs), low=low, high=high,
+                                    message="; ".join(notes) or None, compared_at=at))
     return out
 
 
@@ -578,7 +599,7 @@ def power_table(records: Iterable[Mapping[str, Any] | RunRecord], baseline: str,
             out.append(_power(method, baseline, "MAC ratio", selection, [], goal, str(err)))
         for d in matched:
             out.append(_power(method, baseline, f"MAC ratio {d.mac_ratio:g}", selection, d.differences, goal,
-                              d.message if d.mean is None else None))
+                              d.message))
         targets = sorted({r.target for r in records if r.method == method} &
                          {r.target for r in records if r.method == baseline})
         for target in targets:
@@ -827,8 +848,9 @@ def full_report(records: Iterable[Mapping[str, Any] | RunRecord], baseline: str,
     partial = expected_runs is not None and n < expected_runs
     status = (f"**PARTIAL: {n} of {expected_runs} runs finished**; every figure below is provisional"
               if partial else f"{n} runs" + ("" if expected_runs is None else f" of {expected_runs} (complete)"))
+    runs = "" if results_dir is None or Path(results_dir) == Path(source).parent else f" --runs-dir {results_dir}"
     lines = [f"# {title}", "",
-             f"Generated by `python -m spnet_dist.compare {source} --baseline {baseline} --out ...` "
+             f"Generated by `python -m spnet_dist.compare {source} --baseline {baseline}{runs} --out ...` "
              "(do not edit by hand: rerun it). " + status + ".", "",
              "Top-1 in percent on the reported split (the test split when the runs have one); MAC ratio = "
              "dynamic / static MACs. ± is the 95 % Student-t interval of the mean over seeds (half-width) "
@@ -920,6 +942,9 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
                    help="write the full report (target table, intervals, power, path stability) to this file")
     p.add_argument("--expected-runs", type=int, default=None, help="runs of the complete grid (labels a partial report)")
     p.add_argument("--title", default="Matched-cost comparison", help="the report's title (with --out)")
+    p.add_argument("--runs-dir", default=None,
+                   help="where the runs' paths.jsonl are, for the path-stability section (spnet-sweep's out_dir; "
+                        "default: the records' directory)")
     args = p.parse_args(argv)
     try:
         records = load_records(args.records)
@@ -928,7 +953,8 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         if args.out is None:
             print(markdown_report(records, args.baseline, args.mac_ratios, args.resamples, seed=args.seed), end="")
         else:
-            text = full_report(records, args.baseline, Path(args.records).parent, args.mac_ratios,
+            runs_dir = Path(args.runs_dir) if args.runs_dir else Path(args.records).parent
+            text = full_report(records, args.baseline, runs_dir, args.mac_ratios,
                                args.expected_runs, resamples=args.resamples, title=args.title,
                                source=args.records)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,28 @@ def test_paired_difference_by_hand():
     assert "outside the overlap" in low.message and "0.350-0.700" in low.message
 
 
+def test_a_ratio_just_outside_the_overlap_is_compared_at_its_nearest_end_and_labelled():
+    # HAND's overlap is 0.35-0.70. 0.33 is 0.02 below it (within SNAP = 0.03): compared at 0.35, where
+    # seed 0 reads spnet 80 + 4 * 0.05 / 0.2 = 81.0 vs base 82.0 (-1.0) and seed 1 reads
+    # 81 + 4 * 0.03 / 0.2 = 81.6 vs base 80 + 3 * 0.05 / 0.2 = 80.75 (+0.85)
+    low, high, far = C.paired_difference(HAND, "spnet", "base", (0.33, 0.72, 0.3))
+    assert low.compared_at == pytest.approx(0.35) and low.mac_ratio == 0.33
+    assert low.differences == pytest.approx((-1.0, 0.85)) and low.mean == pytest.approx(-0.075)
+    assert "compared at 0.350, the overlap's low end (0.020 from 0.33" in low.message
+    # 0.72 is 0.02 above the high end 0.70: read at 0.70 (the by-hand values of the 0.7 comparison)
+    assert high.compared_at == pytest.approx(0.70) and high.differences == pytest.approx((-0.5, 1.7))
+    assert "the overlap's high end" in high.message
+    # 0.3 is 0.05 below: no number
+    assert far.mean is None and far.compared_at is None and "outside the overlap" in far.message
+    # inside the overlap nothing is moved or labelled; snap=0 refuses 0.33
+    inside = C.paired_difference(HAND, "spnet", "base", (0.5,))[0]
+    assert inside.compared_at == 0.5 and inside.message is None
+    assert C.paired_difference(HAND, "spnet", "base", (0.33,), snap=0.0)[0].mean is None
+    # the power table carries the label next to the numbers
+    rows = {p.where: p for p in C.power_table(HAND, "base", (0.33,)) if p.method == "spnet"}
+    assert rows["MAC ratio 0.33"].mean == pytest.approx(-0.075) and "compared at 0.350" in rows["MAC ratio 0.33"].message
+
+
 def test_pairing_uses_the_same_seed_only():
     # seed 2 of spnet alone does not enter: nothing to pair it with
     extra = HAND + [rec("spnet", t, 2, t, 99.0) for t in (0.3, 0.5, 0.7)]
@@ -163,6 +185,9 @@ def test_persistence_by_hand():
     assert p.run_mean == pytest.approx(0.75) and p.missing == 1 and len(p.runs) == 2
     with pytest.raises(C.CompareError, match="path_flips has 2 values, path_flips_chance 1"):
         C.as_record(rec("a", 0.5, 0, 0.5, 80.0, path_flips=[0.1, 0.2], path_flips_chance=[0.2]))
+    with pytest.raises(C.CompareError, match="path_steps 1"):
+        C.as_record(rec("a", 0.5, 0, 0.5, 80.0, path_flips=[0.1, 0.2], path_flips_chance=[0.2, 0.1], path_steps=[5]))
+    assert C.as_record(rec("a", 0.5, 0, 0.5, 80.0, path_flips=[0.1], path_flips_chance=[0.2], path_steps=[5])).path_steps == (5,)
 
 
 # ----------------------------------------------------------------------------- records and CLI
@@ -335,6 +360,15 @@ def test_cli_writes_the_full_report_and_labels_it_partial(tmp_path):
     assert "- SP-Net − baseline at t = 0.5: +1.50 ± 0.00 points over 2 seeds (sd 0.00): within ±1" in text
     assert "## Path stability" in text and "| SP-Net | 2 | 2 | 0.545 | 0.75 | 1.16 |" in text
     assert "epoch 0" in text and "0.2500 / 0.3750" in text
+    # records copied away from their runs (docs/sweeps/...): the path files are found through --runs-dir
+    (tmp_path / "docs" / "results.jsonl").write_text((out / "results.jsonl").read_text())
+    assert C.cli([str(tmp_path / "docs" / "results.jsonl"), "--baseline", "baseline", "--out", str(report),
+                  "--resamples", "200"]) == 0
+    assert "## Path stability" not in report.read_text()
+    assert C.cli([str(tmp_path / "docs" / "results.jsonl"), "--baseline", "baseline", "--out", str(report),
+                  "--resamples", "200", "--runs-dir", str(out)]) == 0
+    assert "| SP-Net | 2 | 2 | 0.545 | 0.75 | 1.16 |" in report.read_text()
+    assert f"--runs-dir {out} --out" in report.read_text()
     assert C.cli([str(out / "results.jsonl"), "--baseline", "nobody", "--out", str(report)]) == 2
     # before the first run finishes: a status-only report, not an error
     (out / "empty.jsonl").write_text("")
