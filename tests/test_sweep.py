@@ -183,3 +183,18 @@ variants:
     (record,) = S.run_sweep(sw, progress=False, nice=0)
     assert 0.0 <= record["top1"] <= 100.0 and 0.0 < record["mac_ratio"] <= 1.0
     assert (tmp_path / "out" / "runs" / "baseline" / "seed0" / "metrics.jsonl").is_file()
+
+
+DOC_SWEEPS = sorted((Path(__file__).resolve().parents[1] / "docs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", DOC_SWEEPS, ids=[p.stem for p in DOC_SWEEPS])
+def test_every_documented_sweep_builds_a_valid_config_for_each_run(path):
+    """A sweep file in docs/ that a user reruns must not fail at its 20th run on a misspelt override."""
+    from spnet_dist.config import load_config
+
+    sweep = S.load_sweep(path)
+    assert sweep.runs()
+    for variant, seed in sweep.runs():
+        cfg = load_config(sweep.base, sweep.run_overrides(variant, seed), check_paths=False, world_size=1)
+        assert cfg.run.seed == seed and (variant.target_rate is None or cfg.loss.target_rate == variant.target_rate)
