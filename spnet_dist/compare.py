@@ -18,7 +18,8 @@ accuracy-vs-achieved-MAC-ratio curves:
 (c) :func:`selection_table`: the final epoch and the best-validation epoch side by side (test
     top-1 and MAC ratio of each), and best-on-test, labelled optimistic: it selects the epoch
     on the numbers it reports (what the official code prints).
-(d) :func:`persistence_ratio` / :func:`persistence_by_method`: Σ path_flips / Σ path_flips_chance;
+(d) :func:`persistence_ratio` / :func:`persistence_by_method` / :func:`persistence_difference`:
+    Σ path_flips / Σ path_flips_chance, per run, per method and paired against a baseline;
     below 1, a sample's path persists between snapshots more than independent draws at the same
     per-block execution rates would.
 (e) :func:`target_table`: the requested rate t against the evaluated execution rate per method and
@@ -440,6 +441,17 @@ def persistence_by_method(records: Iterable[Mapping[str, Any] | RunRecord]) -> l
     return out
 
 
+def persistence_difference(records: Iterable[Mapping[str, Any] | RunRecord], method: str,
+                           baseline: str) -> tuple[list[tuple[float, int]], list[float]]:
+    """Per (target, seed) that both ran with path records: ``method``'s persistence ratio minus
+    ``baseline``'s (negative: ``method``'s paths persist more). Returns the pairs and the differences."""
+    records = as_records(records)
+    ratios = {(r.method, r.target, r.seed): persistence_ratio(r) for r in records}
+    pairs = sorted((t, s) for m, t, s in ratios if m == method and ratios[m, t, s] is not None
+                   and ratios.get((baseline, t, s)) is not None)
+    return pairs, [ratios[method, t, s] - ratios[baseline, t, s] for t, s in pairs]
+
+
 # ------------------------------------------------------------------------------------ (e) targets
 @dataclass(frozen=True)
 class TargetRow:
@@ -819,6 +831,16 @@ def markdown_report(records: Iterable[Mapping[str, Any] | RunRecord], baseline: 
         for p in persistence:
             pooled = "—" if p.ratio is None else f"{p.ratio:.3f}"
             lines.append(f"| {p.method} | {pooled} | {_pm(p.run_mean, p.run_sd, 3)} | {len(p.runs)} | {p.missing} |")
+        rows = [(m, *persistence_difference(records, m, baseline)) for m in methods_of(records) if m != baseline]
+        if any(diffs for _, _, diffs in rows):
+            lines += ["", f"Persistence ratio, method − {baseline}, paired per (t, seed) (negative: paths persist more "
+                          f"than the {baseline}'s; 95 % t interval over the pairs)", "",
+                      "| method | pairs | mean | sd | 95 % interval |", "|---|---|---|---|---|"]
+            for m, pairs, diffs in rows:
+                hw = t_half_width(diffs)
+                interval = "—" if hw is None else f"[{statistics.fmean(diffs) - hw:+.3f}, {statistics.fmean(diffs) + hw:+.3f}]"
+                mean = _f(statistics.fmean(diffs), 3, True) if diffs else "—"
+                lines.append(f"| {m} | {len(pairs)} | {mean} | {_f(_sd(diffs), 3) if len(diffs) > 1 else '—'} | {interval} |")
     return "\n".join(lines) + "\n"
 
 

@@ -183,6 +183,15 @@ def test_persistence_by_hand():
     (p,) = C.persistence_by_method([a0, a1, a2])
     assert p.ratio == pytest.approx((0.3 + 0.3) / (0.6 + 0.3))  # pooled over runs, not the mean of ratios
     assert p.run_mean == pytest.approx(0.75) and p.missing == 1 and len(p.runs) == 2
+    # paired against a baseline per (t, seed): only pairs where both have path records
+    b0 = rec("b", 0.5, 0, 0.5, 80.0, path_flips=[0.4], path_flips_chance=[0.5])
+    b1 = rec("b", 0.5, 1, 0.5, 80.0, path_flips=[0.1], path_flips_chance=[0.4])
+    b2 = rec("b", 0.7, 0, 0.7, 80.0, path_flips=[0.1], path_flips_chance=[0.2])
+    pairs, diffs = C.persistence_difference([a0, a1, a2, b0, b1, b2], "a", "b")
+    assert pairs == [(0.5, 0), (0.5, 1)] and diffs == pytest.approx([0.5 - 0.8, 1.0 - 0.25])
+    report = C.markdown_report([a0, a1, a2, b0, b1, b2], "b", (0.5,), resamples=10)
+    hw = 12.706 * statistics.stdev([-0.3, 0.75]) / 2 ** 0.5
+    assert f"| a | 2 | +0.225 | {statistics.stdev([-0.3, 0.75]):.3f} | [{0.225 - hw:+.3f}, {0.225 + hw:+.3f}] |" in report
     with pytest.raises(C.CompareError, match="path_flips has 2 values, path_flips_chance 1"):
         C.as_record(rec("a", 0.5, 0, 0.5, 80.0, path_flips=[0.1, 0.2], path_flips_chance=[0.2]))
     with pytest.raises(C.CompareError, match="path_steps 1"):
