@@ -242,6 +242,17 @@ def test_target_table_by_hand():
     assert bare.exec_rate is None and bare.within is None
 
 
+def test_target_table_reads_the_paper_rule_rate_of_the_reported_split():
+    # A run without a test split (digits) reports its validation split: the paper's-rule column must
+    # show the validation record's rate, not a dash; a run with a test split keeps the test one.
+    val_only = rec("a", 0.5, 0, 0.52, 80.0, reported_split="val", paper_rule_exec_rate=0.61)
+    with_test = rec("b", 0.5, 0, 0.52, 80.0, reported_split="test", paper_rule_exec_rate=0.61,
+                    test_paper_rule_exec_rate=0.66)
+    by_method = {row.method: row for row in C.target_table([val_only, with_test])}
+    assert by_method["a"].paper_rule_exec_rate == pytest.approx(0.61)
+    assert by_method["b"].paper_rule_exec_rate == pytest.approx(0.66)
+
+
 # ----------------------------------------------------------------------------- (f) intervals and power
 
 def test_t_quantiles_and_half_width_by_hand():
