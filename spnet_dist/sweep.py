@@ -25,6 +25,13 @@ After the grid, ``report.md`` (per variant: mean ± std and min/max over seeds o
 ratio and execution rate) and two PNGs are written: accuracy vs MAC ratio (one point per seed,
 a line per method through the variant means) and the seed spread of top-1 per variant.
 ``--report-only`` rebuilds them from ``results.jsonl`` without running anything.
+
+Comparison mode: a ``compare`` section makes the sweep also write ``comparison.md``, the
+matched-cost comparison of every method with the baseline (:func:`spnet_dist.compare.full_report`:
+target table, accuracy vs achieved MACs with 95 % intervals, paired differences at common MAC
+ratios with bootstrap intervals, final and best-validation epoch, path stability)::
+
+    compare: {baseline: baseline, title: "Fashion-MNIST at matched cost", mac_ratios: [0.3, 0.5, 0.7]}
 """
 from __future__ import annotations
 
@@ -43,10 +50,12 @@ from typing import Any, Iterable, Optional, Sequence
 
 import yaml
 
+from . import compare as C
 from .run_dir import RunDirectory, read_jsonl
 
 RESULTS = "results.jsonl"
 REPORT = "report.md"
+COMPARISON = "comparison.md"
 PLOT_ACC_MACS = "accuracy_vs_macs.png"
 PLOT_SPREAD = "seed_spread.png"
 # Metrics copied from the run's final evaluation record into results.jsonl.
@@ -68,6 +77,14 @@ class Variant:
     seeds: Optional[tuple[int, ...]] = None  # None: the sweep's seeds
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """The sweep file's ``compare`` section: which method the others are compared with."""
+    baseline: str
+    title: str = "Matched-cost comparison"
+    mac_ratios: tuple[float, ...] = C.DEFAULT_MAC_RATIOS
+
+
 @dataclass
 class Sweep:
     path: Path
@@ -76,6 +93,7 @@ class Sweep:
     seeds: list[int]
     overrides: tuple[str, ...]
     variants: list[Variant] = field(default_factory=list)
+    compare: Optional[Comparison] = None
 
     def runs(self) -> list[tuple[Variant, int]]:
         """The grid in execution order: seed-major, so a stopped sweep has every variant at equal n."""
@@ -104,7 +122,7 @@ def load_sweep(path: str | os.PathLike, out_dir: Optional[str] = None) -> Sweep:
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict):
         raise SweepError(f"{path}: expected a mapping at the top level")
-    unknown = set(raw) - {"base", "out_dir", "seeds", "overrides", "variants"}
+    unknown = set(raw) - {"base", "out_dir", "seeds", "overrides", "variants", "compare"}
     if unknown:
         raise SweepError(f"{path}: unknown key(s) {sorted(unknown)}")
     if "base" not in raw:
@@ -138,7 +156,27 @@ def load_sweep(path: str | os.PathLike, out_dir: Optional[str] = None) -> Sweep:
         variants.append(Variant(name, str(spec.get("method", name)), ovr, _target_rate(shared + ovr),
                                 None if own_seeds is None else tuple(own_seeds)))
     out = Path(out_dir if out_dir is not None else raw.get("out_dir", f"runs/sweeps/{path.stem}"))
-    return Sweep(path, base, out, list(seeds), shared, variants)
+    comparison = _comparison(raw.get("compare"), [v.method for v in variants], f"{path}: compare")
+    return Sweep(path, base, out, list(seeds), shared, variants, comparison)
+
+
+def _comparison(value: Any, methods: list[str], where: str) -> Optional[Comparison]:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"baseline", "title", "mac_ratios"}:
+        raise SweepError(f"{where}: expected keys 'baseline', 'title' and 'mac_ratios', got {value!r}")
+    baseline = value.get("baseline")
+    if baseline not in methods:
+        raise SweepError(f"{where}.baseline: {baseline!r} is not the method of any variant "
+                         f"({sorted(set(methods))})")
+    ratios = value.get("mac_ratios", list(C.DEFAULT_MAC_RATIOS))
+    if (not isinstance(ratios, list) or not ratios
+            or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios)):
+        raise SweepError(f"{where}.mac_ratios: expected a non-empty list of numbers in (0, 1], got {ratios!r}")
+    title = value.get("title", Comparison.title)
+    if not isinstance(title, str) or not title:
+        raise SweepError(f"{where}.title: expected a non-empty string, got {title!r}")
+    return Comparison(baseline, title, tuple(float(r) for r in ratios))
 
 
 def _override_list(value: Any, where: str) -> tuple[str, ...]:
@@ -340,6 +378,19 @@ def current_records(sweep: Sweep, records: Iterable[dict]) -> dict[str, list[dic
     return {name: [seeds[s] for s in sorted(seeds)] for name, seeds in by_variant.items()}
 
 
+def write_comparison(sweep: Sweep, records: Iterable[dict]) -> Path:
+    """Write ``comparison.md`` (the ``compare`` section's matched-cost report) from the records
+    that match today's overrides; a partial grid is labelled so in the report's first lines."""
+    assert sweep.compare is not None
+    current = [r for rs in current_records(sweep, records).values() for r in rs]
+    text = C.full_report(current, sweep.compare.baseline, sweep.out_dir, sweep.compare.mac_ratios,
+                         expected_runs=len(sweep.runs()), title=sweep.compare.title,
+                         source=str(sweep.out_dir / RESULTS))
+    path = sweep.out_dir / COMPARISON
+    path.write_text(text)
+    return path
+
+
 def write_report(sweep: Sweep, records: Iterable[dict]) -> Path:
     """Write ``report.md`` and the PNG plots next to ``results.jsonl``; returns the report path."""
     grouped = current_records(sweep, records)
@@ -453,6 +504,12 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
         print(f"spnet-sweep: {exc}", file=sys.stderr)
         return 2
     print(write_report(sweep, records))
+    if sweep.compare is not None:
+        try:
+            print(write_comparison(sweep, records))
+        except C.CompareError as exc:  # e.g. every baseline run failed: the sweep's report stands
+            print(f"spnet-sweep: {sweep.path}: compare: {exc}", file=sys.stderr)
+            return 2
     return 0 if not pending_runs(sweep, records) else 1
 
 

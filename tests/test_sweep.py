@@ -68,6 +68,9 @@ def test_grid_order_per_variant_seeds_and_overrides(tmp_path):
     ("base: base.yaml\nseeds: [0]\nvariants: {a: {seeds: [1]}}\n", "subset"),
     ("base: base.yaml\nvariants: {a: {colour: red}}\n", "expected keys"),
     ("base: base.yaml\nvariant: {}\n", "unknown key"),
+    ("base: base.yaml\nvariants: {a: {method: m}}\ncompare: {baseline: b}\n", r"compare\.baseline: 'b'"),
+    ("base: base.yaml\nvariants: {a: {method: m}}\ncompare: {baseline: m, mac_ratios: [0]}\n", r"compare\.mac_ratios"),
+    ("base: base.yaml\nvariants: {a: {method: m}}\ncompare: {baseline: m, colour: red}\n", "compare: expected keys"),
 ])
 def test_bad_sweep_files_name_the_key(tmp_path, body, match):
     with pytest.raises(S.SweepError, match=match):
@@ -166,6 +169,39 @@ def test_cli_report_only_and_bad_file(tmp_path, fake_log, capsys):
     assert "| base_t0.3 | baseline | 0.3 | 0 |" in (tmp_path / "out" / S.REPORT).read_text()
     assert S.cli([str(tmp_path / "missing.yaml")]) == 2
     assert "no such sweep file" in capsys.readouterr().err
+
+
+COMPARED = """
+base: base.yaml
+seeds: [0, 1]
+variants:
+  base_t0.3: {method: baseline, overrides: [loss.target_rate=0.3]}
+  base_t0.5: {method: baseline, overrides: [loss.target_rate=0.5]}
+  sp_t0.3:   {method: SP-Net, overrides: [loss.target_rate=0.3, fake.bonus=2]}
+  sp_t0.5:   {method: SP-Net, overrides: [loss.target_rate=0.5, fake.bonus=2]}
+compare: {baseline: baseline, title: Fake at matched cost, mac_ratios: [0.45]}
+"""
+
+
+def test_comparison_mode_writes_the_matched_cost_report(tmp_path, fake_log, capsys):
+    # The fake gives both methods MAC ratios 0.35 / 0.55 and SP-Net 2 points more top-1 at each:
+    # at MAC ratio 0.45 (inside the overlap) the paired difference is +2.00 for both seeds.
+    path = write_sweep(tmp_path, COMPARED)
+    out = tmp_path / "out"
+    sw = S.load_sweep(path, out_dir=str(out))
+    assert sw.compare == S.Comparison("baseline", "Fake at matched cost", (0.45,))
+    S.run_sweep(sw, progress=False, nice=0, command=FAKE)
+    # a record of an older override set of a cell that ran again: the comparison must not count it
+    # (spnet-compare would refuse the same method, target and seed twice)
+    with (out / S.RESULTS).open("a") as f:
+        f.write(json.dumps({"variant": "sp_t0.5", "method": "SP-Net", "seed": 0, "target_rate": 0.5,
+                            "overrides_key": "old", "final_top1": 0.0, "final_mac_ratio": 0.5, "bestval_top1": 0.0,
+                            "bestval_mac_ratio": 0.5, "besttest_top1": 0.0}) + "\n")
+    assert S.cli([str(path), "--out-dir", str(out), "--report-only"]) == 0
+    assert str(out / S.COMPARISON) in capsys.readouterr().out
+    report = (out / S.COMPARISON).read_text()
+    assert report.startswith("# Fake at matched cost") and "8 runs of 8 (complete)" in report
+    assert "| SP-Net | 0.45 | final epoch | 2 | +2.00 | 0.00 | [+2.00, +2.00] |" in report
 
 
 @pytest.mark.slow

@@ -392,3 +392,24 @@ def test_sync_bn_on_a_cpu_is_one_line_before_any_process_group_or_file(tmp_path,
     monkeypatch.setenv(PROFILE_ENV, "cuda")
     assert trainer_module.resolve_device_profile(load_config(REPO_ROOT / "configs" / "demo.yaml", ["model.sync_bn=true"],
                                                              check_paths=False)).sync_bn
+
+
+@pytest.mark.parametrize("target", [0.3, 0.7])
+def test_a_short_fashion_run_holds_its_target_at_evaluation(tmp_path, target):
+    # Issue 20: the shipped SP-Net recipe (teacher, stage heads, L_evo) with its default calibrated
+    # evaluation executes the requested share of blocks on the validation split it calibrates on and,
+    # at the same threshold, on the test split it never reads; the paper's rule is recorded beside it.
+    from ..data.helpers import make_fashion_mnist
+
+    root = make_fashion_mnist(tmp_path / "fm", n_train=160, n_test=80)
+    run = tmp_path / "run"
+    cfg = load_config(REPO_ROOT / "configs" / "fashion" / "spnet.yaml", [
+        f"data.root={root}", f"run.out_dir={run}", "data.image_size=8", "data.val_size=80", "data.train_subset=null",
+        "data.eval_batch_size=40", "engine.global_batch_size=20", "schedule.epochs=1", "schedule.warmup_epochs=0",
+        "run.max_steps=3", "run.progress=log", "run.path_probe_size=0", f"loss.target_rate={target}"])
+    assert cfg.model.gate_calibration == "target"  # the user default, not a test override
+    record = training.Trainer(cfg).fit()
+    assert record["calibration_converged"]
+    assert abs(record["exec_rate"] - target) <= 0.03, record["exec_rate"]
+    assert abs(record["test_exec_rate"] - target) <= 0.03, record["test_exec_rate"]
+    assert record["gate_threshold"] != 0.0 and "test_paper_rule_exec_rate" in record

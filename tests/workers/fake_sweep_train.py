@@ -2,7 +2,7 @@
 
 Reads ``--config FILE`` and dotted overrides, appends its argv to ``$FAKE_TRAIN_LOG``, refuses an
 existing run directory (like spnet-train), and writes one ``metrics.jsonl`` record whose values
-are a pure function of the seed and ``loss.target_rate``. ``fail.seed=<k>`` makes seed k exit 1.
+are a pure function of the seed, ``loss.target_rate`` and ``fake.bonus`` (added to top-1). ``fail.seed=<k>`` makes seed k exit 1.
 """
 import json
 import os
@@ -22,6 +22,7 @@ out = Path(overrides["run.out_dir"])
 out.mkdir(parents=True)  # exists_ok=False: a sweep must never reuse a run directory
 rate = float(overrides.get("loss.target_rate", 1.0))
 # top1 in percent, like spnet-train's metrics.jsonl
-record = {"epoch": 1, "top1": 50.0 + 10.0 * rate + seed, "mac_ratio": rate + 0.05,
+bonus = float(overrides.get("fake.bonus", 0.0))  # a method's accuracy gain, for the comparison mode
+record = {"epoch": 1, "top1": 50.0 + 10.0 * rate + seed + bonus, "mac_ratio": rate + 0.05,
           "exec_rate": rate, "gmacs": rate / 100, "static_gmacs": 0.01}
 (out / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "top1": 0.1}) + "\n" + json.dumps(record) + "\n")
