@@ -174,7 +174,9 @@ def as_records(records: Iterable[Mapping[str, Any] | RunRecord]) -> list[RunReco
         record = as_record(r, f"record {i}")
         key = (record.method, record.target, record.seed)
         if key in seen:
-            raise CompareError(f"record {i}: method {key[0]!r}, target {key[1]:g}, seed {key[2]} given twice")
+            raise CompareError(f"record {i}: method {key[0]!r}, target {key[1]:g}, seed {key[2]} given twice (a sweep "
+                               "cell run again with new overrides? a compare: section in the sweep file makes "
+                               "spnet-sweep --report-only compare only today's records)")
         seen.add(key)
         out.append(record)
     return out
