@@ -124,7 +124,8 @@ def save_snapshot(ckpt_dir: Path, engine: Any, snapshot: Snapshot, *, rank: int,
     Every rank writes DeepSpeed's files and its own :class:`RankState` into a temporary
     directory; rank 0 adds the teacher and the state file, and after a barrier seals and
     publishes it (:func:`~spnet_dist.checkpoint.store.publish`), points ``best`` if asked and
-    prunes to the newest ``keep``.
+    prunes to the newest ``keep``. An error in rank 0's steps is raised on every rank
+    (:func:`~spnet_dist.distributed.run_on_main`); nothing half-written is published.
 
     Args:
         ckpt_dir: ``RUN/checkpoints``.
@@ -143,32 +144,42 @@ def save_snapshot(ckpt_dir: Path, engine: Any, snapshot: Snapshot, *, rank: int,
     tmp = ckpt_dir / tmp_name
     engine.save_checkpoint(str(ckpt_dir), tag=tmp_name, client_state={}, save_latest=False)
     write_json(tmp / rank_file(rank), dataclasses.asdict(snapshot.rank))
-    if is_main:
-        if snapshot.teacher is not None:
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().cpu().contiguous() for k, v in snapshot.teacher.weights.items()},
-                      str(tmp / TEACHER_FILE))
-        teacher = snapshot.teacher
-        write_json(tmp / STATE_FILE, {
-            "train_state": dataclasses.asdict(snapshot.state),
-            "teacher": None if teacher is None else {"momentum": teacher.momentum, "num_updates": teacher.num_updates},
-            "config": snapshot.config,
-            "versions": snapshot.versions,
-            "world_size": snapshot.world_size,
-            "num_threads": snapshot.num_threads,
-            "steps_per_epoch": snapshot.steps_per_epoch,
-            "scheduler": snapshot.scheduler,
-            "global_steps": snapshot.global_steps,
-        })
+    # Rank 0's own steps go through run_on_main: a failure there (a full disk, a quota) reaches every
+    # rank at once as the same error, where a bare `if is_main:` would end rank 0 alone and leave the
+    # others waiting in the next barrier until engine.timeout_min.
+    D.run_on_main(lambda: _write_shared_files(tmp, snapshot), what=f"write the shared files of checkpoint {tag}",
+                  is_main=is_main, share=False)
     D.barrier()  # every rank closed its files
-    if is_main:
+
+    def publish_and_prune() -> None:
         publish(ckpt_dir, tmp, tag, snapshot.state.step)
         if best:
             point_alias(ckpt_dir, "best", tag)
         prune(ckpt_dir, keep)
-    D.barrier()
+
+    # Also the barrier after publication: the other ranks return once rank 0 has published.
+    D.run_on_main(publish_and_prune, what=f"publish checkpoint {tag}", is_main=is_main, share=False)
     return ckpt_dir / tag
+
+
+def _write_shared_files(tmp: Path, snapshot: Snapshot) -> None:
+    """Rank 0's part of a checkpoint: the teacher's weights and the state file."""
+    teacher = snapshot.teacher
+    if teacher is not None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in teacher.weights.items()}, str(tmp / TEACHER_FILE))
+    write_json(tmp / STATE_FILE, {
+        "train_state": dataclasses.asdict(snapshot.state),
+        "teacher": None if teacher is None else {"momentum": teacher.momentum, "num_updates": teacher.num_updates},
+        "config": snapshot.config,
+        "versions": snapshot.versions,
+        "world_size": snapshot.world_size,
+        "num_threads": snapshot.num_threads,
+        "steps_per_epoch": snapshot.steps_per_epoch,
+        "scheduler": snapshot.scheduler,
+        "global_steps": snapshot.global_steps,
+    })
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,9 +114,11 @@ def test_two_nodes_shard_data_by_global_rank(digits_root, tmp_path):
 @pytest.mark.parametrize("step, error", [
     ("save_config", "PermissionError: [Errno 13] Permission denied: '{out}/config.yaml'"),
     ("scan", "OSError: [Errno 116] Stale file handle: '{root}/train'"),
-], ids=["save_config", "scan"])
-def test_a_rank_0_set_up_failure_ends_every_rank_with_the_same_error(digits_root, tmp_path, step, error):
-    # Rank 0 alone prepares the run directory and lists the images. Its failure must reach the
+    ("checkpoint", "OSError: [Errno 28] No space left on device: 'teacher.safetensors'"),
+], ids=["save_config", "scan", "checkpoint"])
+def test_a_rank_0_only_step_failure_ends_every_rank_with_the_same_error(digits_root, tmp_path, step, error):
+    # Rank 0 alone prepares the run directory, lists the images and writes a checkpoint's shared
+    # files (teacher, state) and publishes it. Its failure must reach the
     # other ranks at once: they would otherwise wait in a collective for engine.timeout_min (30 min
     # here, the default). Rank 0 stays alive after failing (as an NCCL peer seems to), so only
     # the delivered error can end rank 1; the 120 s guard fails the test if it does not.
@@ -135,6 +137,8 @@ def test_a_rank_0_set_up_failure_ends_every_rank_with_the_same_error(digits_root
     # Up to the next rank's line: the ranks share one pipe, so one's line can run into the other's.
     lines = sorted(set(re.findall(r"rank (\d) error: (.*?)(?=rank \d error: |$)", done.stdout, re.M)))
     assert lines == [("0", expected), ("1", expected)], done.stdout[-4000:]
+    if step == "checkpoint":  # nothing half-written was published
+        assert not list((out / "checkpoints").glob("step_*")), sorted((out / "checkpoints").iterdir())
 
 
 @pytest.mark.parametrize("device_profile", ["cuda-on-cpu"], indirect=True)
