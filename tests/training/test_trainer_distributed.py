@@ -117,10 +117,9 @@ def test_two_nodes_shard_data_by_global_rank(digits_root, tmp_path):
     ("checkpoint", "OSError: [Errno 28] No space left on device: 'teacher.safetensors'"),
 ], ids=["save_config", "scan", "checkpoint"])
 def test_a_rank_0_only_step_failure_ends_every_rank_with_the_same_error(digits_root, tmp_path, step, error):
-    # Rank 0 alone prepares the run directory, lists the images and writes a checkpoint's shared
-    # files (teacher, state) and publishes it. Its failure must reach the
-    # other ranks at once: they would otherwise wait in a collective for engine.timeout_min (30 min
-    # here, the default). Rank 0 stays alive after failing (as an NCCL peer seems to), so only
+    # Rank 0 alone prepares the run directory, lists the images, and writes and publishes a
+    # checkpoint's shared files (teacher, state). Its failure must reach the other ranks at once:
+    # they would otherwise wait in a collective for engine.timeout_min (30 min here, the default). Rank 0 stays alive after failing (as an NCCL peer seems to), so only
     # the delivered error can end rank 1; the 120 s guard fails the test if it does not.
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",

@@ -2,7 +2,8 @@
 
 Reads ``--config FILE`` and dotted overrides, appends its argv to ``$FAKE_TRAIN_LOG``, refuses an
 existing run directory (like spnet-train), and writes one ``metrics.jsonl`` record whose values
-are a pure function of the seed, ``loss.target_rate`` and ``fake.bonus`` (added to top-1). ``fail.seed=<k>`` makes seed k exit 1.
+are a pure function of the seed, ``loss.target_rate`` and ``fake.bonus`` (added to top-1).
+``fail.seed=<k>`` makes seed k exit 1.
 """
 import json
 import os

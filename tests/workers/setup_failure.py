@@ -5,8 +5,8 @@
 On rank 0 the chosen step raises (monkeypatched): ``save_config`` raises PermissionError while
 the run directory is prepared, ``scan`` raises OSError(ESTALE) while the image folders are
 listed, ``checkpoint`` raises OSError(ENOSPC) while the teacher's weights of the first checkpoint
-are written (a full disk after training began). Every rank that ends with an exception prints ``rank R error: <Type>: <message>`` and
-exits 1. Rank 0 then stays alive for ``--linger`` seconds: NCCL does not notice that a peer has
+are written (a full disk after training began). Every rank that ends with an exception prints
+``rank R error: <Type>: <message>`` and exits 1. Rank 0 then stays alive for ``--linger`` seconds: NCCL does not notice that a peer has
 stopped (gloo would see its socket close), so a rank waiting in a collective for rank 0 would
 wait until the process-group timeout; the linger makes gloo behave the same way here.
 """
@@ -58,8 +58,8 @@ def main() -> None:
     try:
         training.main(cfg)
     except Exception as err:
-        # One write(2) per line: the tests run workers with PYTHONUNBUFFERED=1, so print() writes the text
-        # and its newline apart, and the other rank's line could land in between (seen once).
+        # One write(2) per line: the tests run workers with PYTHONUNBUFFERED=1, so print() writes
+        # the text and its newline apart, and the other rank's line could land in between (seen once).
         say(f"rank {rank} error: {type(err).__name__}: {err}")
         say(f"rank {rank} failed at {time.time():.3f}")
         if rank == 0:
